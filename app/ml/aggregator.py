@@ -1,0 +1,261 @@
+"""Semantic router and prior constructor of SG-LoRA (paper §3.3.1).
+
+Given the frozen-CLIP text embedding d* of a task description, pick the top-K experts of the
+library by cosine similarity, weight them by α = softmax(cos / τ), and build the task semantic
+c = {µ*, σ*²}:
+
+    µ*  = Σ_k α_k µ_k
+    σ*² = Σ_k α_k σ²_k + Σ_k α_k (µ_k − µ*)²      (law of total variance)
+
+i.e. the mean and element-wise variance of the mixture Σ_k α_k N(µ_k, σ²_k). The first term is the
+experts' own checkpoint spread, the second their disagreement about where the task's LoRA lies.
+
+Shapes: E experts, D = length of the flat LoRA vector (lora.py's layout), e = text-embedding width,
+K = number of experts routed to.
+
+Pure torch/numpy/faiss: the service and offline/ both import this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+
+import faiss
+import numpy as np
+import torch
+
+# Text embeddings come out of open_clip already L2-normalised in float32 (|‖x‖ − 1| ≈ 1e-7). A looser
+# bound still catches the real mistake: an un-normalised embedding, whose inner products are not
+# cosines and which would silently change how sharp softmax(sim/τ) is.
+_NORM_TOLERANCE = 1e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# Index
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_normalised(vectors_ne: np.ndarray, what: str) -> None:
+    norms_n = np.linalg.norm(vectors_ne.astype(np.float64), axis=-1)
+    worst = float(np.max(np.abs(norms_n - 1.0))) if norms_n.size else 0.0
+    if not np.isfinite(worst) or worst > _NORM_TOLERANCE:
+        raise ValueError(
+            f"{what} must be finite and L2-normalised (cosine similarity is an inner product only "
+            f"for unit vectors); largest |norm - 1| is {worst:.3g}"
+        )
+
+
+def build_index(embeddings: np.ndarray, factory: str = "Flat") -> faiss.Index:
+    """An inner-product faiss index over expert embeddings [E, e] (float32, L2-normalised).
+
+    `factory` is a faiss index_factory string: "Flat" is exact and right for libraries of up to
+    tens of thousands of experts; "HNSW32" etc. trade exactness for speed on larger ones.
+    """
+    if embeddings.ndim != 2 or embeddings.shape[0] == 0:
+        raise ValueError(f"embeddings must be a non-empty [E, e] matrix, got shape {embeddings.shape}")
+    _check_normalised(embeddings, "expert embeddings")
+    # faiss reads raw memory: it needs C-contiguous float32, whatever the caller handed over.
+    embeddings_ee = np.ascontiguousarray(embeddings, dtype=np.float32)
+    index = faiss.index_factory(embeddings_ee.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:  # IVF/PQ variants learn centroids/codebooks first
+        index.train(embeddings_ee)
+    index.add(embeddings_ee)
+    return index
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)  # tensors and a faiss index have no meaningful ==
+class ExpertBank:
+    """The expert library W_expert = {(µ_e, σ²_e, d_e)}; row i of every field is expert ids[i]."""
+
+    ids: list[str]
+    descriptions: list[str]
+    mu: torch.Tensor  # [E, D] float32, mean over the expert's kept checkpoints (flat LoRA layout)
+    var: torch.Tensor  # [E, D] float32, element-wise variance over those checkpoints
+    embeddings: np.ndarray  # [E, e] float32, normalised text embeddings d_e of the descriptions
+    index: faiss.Index  # over `embeddings`, row i <-> faiss id i
+    _row_of: dict[str, int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        n = len(self.ids)
+        sizes = {
+            "ids": n,
+            "descriptions": len(self.descriptions),
+            "mu": self.mu.shape[0],
+            "var": self.var.shape[0],
+            "embeddings": self.embeddings.shape[0],
+            "index": self.index.ntotal,
+        }
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"expert bank fields disagree on the number of experts: {sizes}")
+        if self.mu.ndim != 2 or self.mu.shape != self.var.shape:
+            raise ValueError(f"mu and var must both be [E, D]; got {tuple(self.mu.shape)} and {tuple(self.var.shape)}")
+        self._row_of = {expert_id: row for row, expert_id in enumerate(self.ids)}
+        if len(self._row_of) != n:
+            raise ValueError("expert ids must be unique")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def row_of(self, expert_id: str) -> int:
+        """Row of an expert id (KeyError if it is not in the library)."""
+        return self._row_of[expert_id]
+
+
+@dataclass
+class AggregationTrace:
+    """Which experts made a prior, and how much each counted: returned to clients as provenance."""
+
+    expert_ids: list[str]
+    descriptions: list[str]
+    similarities: list[float]  # cosine(d*, d_k); empty when the prior was built without a query
+    weights: list[float]  # α_k, sums to 1
+
+    @property
+    def max_similarity(self) -> float | None:
+        """Best cosine match: a low value means the library does not cover the task well (the
+        paper's main failure mode). None when no query was involved (e.g. a plain model soup)."""
+        return max(self.similarities) if self.similarities else None
+
+    def to_dict(self) -> dict:
+        return {
+            "expert_ids": list(self.expert_ids),
+            "descriptions": list(self.descriptions),
+            "similarities": [float(s) for s in self.similarities],
+            "weights": [float(w) for w in self.weights],
+            "max_similarity": self.max_similarity,
+        }
+
+
+@dataclass(eq=False)
+class SemanticPrior:
+    """The task semantic c = {µ*, σ*²} that conditions the CVAE (or is used directly as a merge)."""
+
+    mu: torch.Tensor  # [D]  µ* = Σ α_k µ_k
+    var: torch.Tensor  # [D]  σ*² = Σ α_k σ²_k + Σ α_k (µ_k − µ*)²
+    trace: AggregationTrace
+
+
+# ----------------------------------------------------------------------------------------------
+# Routing and weighting
+# ----------------------------------------------------------------------------------------------
+
+
+def _query_row(bank: ExpertBank, query: np.ndarray) -> np.ndarray:
+    """Validate a [e] query and shape it [1, e] float32 for faiss."""
+    width = bank.embeddings.shape[1]
+    if query.shape not in ((width,), (1, width)):
+        raise ValueError(f"query must be a [{width}] embedding, got shape {query.shape}")
+    _check_normalised(query.reshape(1, width), "query embedding")
+    return np.ascontiguousarray(query.reshape(1, width), dtype=np.float32)
+
+
+def route(bank: ExpertBank, query: np.ndarray, k: int, exclude: Collection[str] = ()) -> tuple[list[int], np.ndarray]:
+    """Top-k experts for `query` [e]: (rows into the bank, cosine similarities [k]), best first.
+
+    `exclude` names experts that must not be picked: when the CVAE is trained on expert n, its
+    condition is built from the *other* experts, as it will be for an unseen task at serving time.
+    """
+    excluded_ids = set(exclude)
+    # Ids not in the library exclude nothing: leave-self-out for an expert that was never added is a no-op.
+    excluded = {row for row, expert_id in enumerate(bank.ids) if expert_id in excluded_ids}
+    available = len(bank) - len(excluded)
+    if not 1 <= k <= available:
+        raise ValueError(
+            f"k={k} is out of range: the library holds {len(bank)} experts, {len(excluded)} excluded, "
+            f"so k must be between 1 and {available}"
+        )
+    # Ask for k extra hits per excluded expert so that k remain after filtering them out.
+    sims_1n, rows_1n = bank.index.search(_query_row(bank, query), k + len(excluded))
+    kept = [
+        (int(row), float(sim))
+        for row, sim in zip(rows_1n[0], sims_1n[0], strict=True)
+        if row != -1 and int(row) not in excluded
+    ][:k]
+    if len(kept) < k:
+        # faiss pads with id -1 when an approximate index (HNSW, IVF with few probes) finds fewer.
+        raise ValueError(
+            f"the index returned only {len(kept)} usable experts for k={k} (library of {len(bank)}); "
+            f"use an exact index or raise its search breadth (efSearch / nprobe)"
+        )
+    rows = [row for row, _ in kept]
+    sims_k = np.array([sim for _, sim in kept], dtype=np.float32)
+    return rows, sims_k
+
+
+def softmax_weights(sims: np.ndarray, tau: float) -> np.ndarray:
+    """α = softmax(sims / τ) as float64 [K]. A small τ (0.05) makes cosines that differ by a few
+    hundredths matter; subtracting the max keeps exp() from overflowing at any τ."""
+    if not (np.isfinite(tau) and tau > 0):
+        raise ValueError(f"temperature tau must be a finite number > 0, got {tau}")
+    logits_k = np.asarray(sims, dtype=np.float64).reshape(-1) / tau
+    if logits_k.size == 0 or not np.all(np.isfinite(logits_k)):
+        raise ValueError(f"similarities must be a non-empty vector of finite numbers, got {sims}")
+    unnormalised_k = np.exp(logits_k - logits_k.max())
+    return unnormalised_k / unnormalised_k.sum()
+
+
+# ----------------------------------------------------------------------------------------------
+# Priors
+# ----------------------------------------------------------------------------------------------
+
+
+def _mixture_moments(
+    mu_kd: torch.Tensor, var_kd: torch.Tensor, alpha_k: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance [D] of the mixture Σ α_k N(µ_k, σ²_k), by the law of total variance.
+
+    Computed in float64 and returned in the bank's dtype: the between-expert term subtracts
+    nearly equal numbers when experts agree, and K·D is small enough that precision is free.
+    """
+    alpha_k1 = torch.as_tensor(alpha_k, dtype=torch.float64, device=mu_kd.device).unsqueeze(1)
+    mu64_kd, var64_kd = mu_kd.double(), var_kd.double()
+    mu_d = (alpha_k1 * mu64_kd).sum(dim=0)
+    within_d = (alpha_k1 * var64_kd).sum(dim=0)  # E[Var | k]: the experts' own checkpoint spread
+    between_d = (alpha_k1 * (mu64_kd - mu_d).square()).sum(dim=0)  # Var[E | k]: their disagreement
+    return mu_d.to(mu_kd.dtype), (within_d + between_d).to(var_kd.dtype)
+
+
+def _prior(bank: ExpertBank, rows: Sequence[int], alpha_k: np.ndarray, sims_k: np.ndarray | None) -> SemanticPrior:
+    rows_k = torch.as_tensor(list(rows), dtype=torch.long, device=bank.mu.device)
+    mu_d, var_d = _mixture_moments(bank.mu[rows_k], bank.var[rows_k], alpha_k)
+    trace = AggregationTrace(
+        expert_ids=[bank.ids[r] for r in rows],
+        descriptions=[bank.descriptions[r] for r in rows],
+        similarities=[] if sims_k is None else [float(s) for s in sims_k],
+        weights=[float(a) for a in alpha_k],
+    )
+    return SemanticPrior(mu=mu_d, var=var_d, trace=trace)
+
+
+def aggregate_experts(
+    bank: ExpertBank,
+    query: np.ndarray,
+    k: int = 4,
+    tau: float = 0.05,
+    exclude: Collection[str] = (),
+) -> SemanticPrior:
+    """SG-LoRA's sparse aggregator: top-k by cosine, softmax(cos/τ) weights, mixture µ*, σ*²."""
+    rows, sims_k = route(bank, query, k, exclude)
+    return _prior(bank, rows, softmax_weights(sims_k, tau), sims_k)
+
+
+def uniform_prior(bank: ExpertBank, indices: Sequence[int], query: np.ndarray | None = None) -> SemanticPrior:
+    """Equal weights over the given bank rows: a model soup (all rows) or AdapterSoup (the routed
+    top-K). Same variance formula with α uniform. Pass `query` to record cosine similarities in the
+    trace (so the coverage signal is still reported); without it they are left empty."""
+    rows = [int(i) for i in indices]
+    if not rows:
+        raise ValueError("uniform_prior needs at least one expert index")
+    if any(not 0 <= r < len(bank) for r in rows):
+        raise ValueError(f"expert indices must lie in [0, {len(bank)}), got {rows}")
+    sims_k = None
+    if query is not None:
+        sims_k = bank.embeddings[rows].astype(np.float64) @ _query_row(bank, query)[0].astype(np.float64)
+    alpha_k = np.full(len(rows), 1.0 / len(rows), dtype=np.float64)
+    return _prior(bank, rows, alpha_k, sims_k)
