@@ -1,0 +1,23 @@
+"""Shared fixtures. The whole suite runs on the tiny open_clip config (tests/assets/tiny_clip.json), CPU only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+
+ASSETS = Path(__file__).parent / "assets"
+open_clip.add_model_config(ASSETS / "tiny_clip.json")
+TINY = "tiny_clip"
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture
+def tiny_backbone():
+    from app.ml.backbone import load_backbone
+
+    torch.manual_seed(0)  # random-init weights, fixed so failures reproduce
+    return load_backbone(TINY, pretrained=None, device="cpu")
