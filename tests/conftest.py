@@ -21,3 +21,20 @@ def tiny_backbone():
 
     torch.manual_seed(0)  # random-init weights, fixed so failures reproduce
     return load_backbone(TINY, pretrained=None, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tmp_path_factory):
+    """The `--tiny` store, built once per test session (pretrained tiny base, 40 experts, CVAE).
+
+    Returns the pipeline's BuildContext; `ctx.out` is the store. Shared by the offline, service and evaluation
+    tests, because building it is the slowest thing the suite does.
+    """
+    from offline import pipeline
+    from offline.config import TINY
+
+    out = tmp_path_factory.mktemp("store") / "tiny"
+    ctx = pipeline.make_context(TINY, out)
+    result = pipeline.build(TINY, out, progress=False)
+    ctx.build_result = result
+    return ctx
