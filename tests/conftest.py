@@ -30,11 +30,16 @@ def tiny_build(tmp_path_factory):
     Returns the pipeline's BuildContext; `ctx.out` is the store. Shared by the offline, service and evaluation
     tests, because building it is the slowest thing the suite does.
     """
+    import os
+
     from offline import pipeline
     from offline.config import TINY
 
-    out = tmp_path_factory.mktemp("store") / "tiny"
+    # For quick local iterations: SGLORA_TEST_STORE=<dir> reuses (or first builds) a store there. CI leaves it
+    # unset and builds from scratch.
+    reuse = os.environ.get("SGLORA_TEST_STORE")
+    out = Path(reuse) if reuse else tmp_path_factory.mktemp("store") / "tiny"
     ctx = pipeline.make_context(TINY, out)
-    result = pipeline.build(TINY, out, progress=False)
-    ctx.build_result = result
+    if not (reuse and (out / "manifest.json").exists() and (out / "cvae.safetensors").exists()):
+        pipeline.build(TINY, out, progress=False)
     return ctx
