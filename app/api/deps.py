@@ -1,0 +1,59 @@
+"""Dependencies, injected with Annotated: routes declare what they need and never reach into app.state."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from app.core.config import Settings
+from app.core.errors import NotReady, Unauthorized
+from app.core.metrics import Metrics
+from app.services.adapters import AdapterService
+from app.services.cache import Cache
+from app.services.engine import Engine
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+def get_engine(request: Request) -> Engine:
+    """The loaded engine; 503 while it is still loading (routes that need the model fail fast, not hang)."""
+    engine: Engine = request.app.state.engine
+    if not engine.ready:
+        detail = f"model failed to load: {engine.load_error}" if engine.load_error else "model is loading"
+        raise NotReady(detail)
+    return engine
+
+
+def get_cache(request: Request) -> Cache:
+    return request.app.state.cache
+
+
+def get_adapters(request: Request, engine: Annotated[Engine, Depends(get_engine)]) -> AdapterService:
+    return request.app.state.adapters
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+EngineDep = Annotated[Engine, Depends(get_engine)]
+CacheDep = Annotated[Cache, Depends(get_cache)]
+AdaptersDep = Annotated[AdapterService, Depends(get_adapters)]
+
+
+async def require_api_key(
+    settings: SettingsDep,
+    x_api_key: Annotated[str | None, Header(description="required when the server sets SGLORA_API_KEY")] = None,
+) -> None:
+    if settings.api_key is None:
+        return
+    if x_api_key is None:
+        raise Unauthorized("missing X-API-Key header", "X-API-Key")
+    if not hmac.compare_digest(x_api_key.encode(), settings.api_key.get_secret_value().encode()):
+        raise Unauthorized("wrong API key", "X-API-Key")

@@ -1,0 +1,16 @@
+"""GET /experts: what the library holds, so users can judge whether their task is covered."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from app.api.deps import EngineDep
+from app.schemas import ExpertsResponse
+
+router = APIRouter(tags=["library"])
+
+
+@router.get("/experts", response_model=ExpertsResponse)
+async def experts(engine: EngineDep) -> ExpertsResponse:
+    items = engine.experts()
+    return ExpertsResponse(store_version=engine.version, count=len(items), experts=items)

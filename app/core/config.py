@@ -1,0 +1,90 @@
+"""The service's one settings class. Every value comes from the environment (prefix SGLORA_) or a `.env` file;
+nothing else in the service reads the environment.
+
+Invalid values stop start-up with pydantic's message naming the variable (see `app.main.load_settings`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from app.ml.strategies import STRATEGIES
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SGLORA_", env_file=".env", extra="ignore", frozen=True)
+
+    # --- model -------------------------------------------------------------------------------------------
+    store_path: Path = Field(description="model store directory (python -m offline build --out ...)")
+    device: str = Field("auto", description='"auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...')
+    k: int = Field(4, ge=1, description="default number of experts routed to")
+    tau: float = Field(0.05, gt=0, allow_inf_nan=False, description="default softmax temperature")
+    default_strategy: str = "sglora"
+    coverage_warning_below: float = Field(
+        0.5, ge=-1, le=1, description="max cosine(description, expert) under which a response carries a warning"
+    )
+    load_in_background: bool = Field(
+        False, description="serve /health/live at once and load the model behind it (/health/ready 503 till warm)"
+    )
+
+    # --- cache -------------------------------------------------------------------------------------------
+    redis_url: str | None = Field(None, description="redis://host:port/db; unset => bounded in-process LRU")
+    redis_prefix: str = "sglora:"
+    redis_socket_timeout_s: float = Field(0.25, gt=0)
+    redis_connect_timeout_s: float = Field(0.25, gt=0)
+    redis_backoff_s: float = Field(
+        2.0, ge=0, description="after a Redis error, skip Redis for this long (requests go on as cache misses)"
+    )
+    cache_ttl_s: int = Field(7 * 24 * 3600, ge=1, description="TTL of cached generations and stored adapters")
+    lru_max_entries: int = Field(512, ge=1, description="in-process cache size (entries), when no Redis")
+
+    # --- limits ------------------------------------------------------------------------------------------
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_images: int = Field(64, ge=1)
+    max_texts: int = Field(256, ge=1)
+    max_text_chars: int = Field(1000, ge=1)
+    max_image_pixels: int = Field(4096 * 4096, ge=1)
+    max_description_chars: int = Field(500, ge=1)
+    max_num_samples: int = Field(8, ge=1)
+
+    # --- access ------------------------------------------------------------------------------------------
+    api_key: SecretStr | None = Field(None, description="when set, every non-health route needs header X-API-Key")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description='JSON list or comma-separated: ["https://a.example"] or https://a,https://b'
+    )
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [o.strip() for o in text.split(",") if o.strip()]
+        return value
+
+    @field_validator("default_strategy")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        if value not in STRATEGIES:
+            raise ValueError(f"unknown strategy {value!r}; choose one of {sorted(STRATEGIES)}")
+        return value
+
+    @field_validator("store_path")
+    @classmethod
+    def _store_exists(cls, value: Path) -> Path:
+        if not (value / "manifest.json").is_file():
+            raise ValueError(f"no model store at {value} (manifest.json missing); build one with "
+                             f"`python -m offline build --tiny --out {value}`")
+        return value
+
+    @model_validator(mode="after")
+    def _api_key_not_blank(self) -> Settings:
+        if self.api_key is not None and not self.api_key.get_secret_value().strip():
+            raise ValueError("api_key is set but blank; unset SGLORA_API_KEY to disable authentication")
+        return self

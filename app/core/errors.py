@@ -1,0 +1,164 @@
+"""Domain errors and their HTTP statuses, in one place.
+
+Every error response has one shape:
+
+    {"error": {"status": 422, "code": "invalid_input", "field": "k", "message": "...",
+               "details": [{"field": "k", "message": "..."}, ...]}}
+
+`field` names the offending input (dotted/indexed, e.g. "images[2]", "texts", "description"), or null when
+the problem is not one field's (e.g. the body as a whole). `details` lists every problem found (pydantic
+may report several); `field`/`message` repeat the first.
+
+Statuses: 400 malformed body, 401 API key, 404 unknown route/adapter, 405 method, 413 body over the limit,
+415 image format / body content type, 422 invalid field values, 503 model not loaded yet, 500 only for bugs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.ml.lora import LayoutMismatchError
+from app.ml.strategies import StrategyUnavailable
+
+logger = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    """A problem with the request (or the service's state) that the client should hear about."""
+
+    code = "error"
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.message, self.field = message, field
+
+
+class InvalidInput(ServiceError):
+    code = "invalid_input"
+
+
+class MalformedBody(ServiceError):
+    code = "malformed_body"
+
+
+class UnsupportedMedia(ServiceError):
+    code = "unsupported_media_type"
+
+
+class PayloadTooLarge(ServiceError):
+    code = "payload_too_large"
+
+
+class NotFound(ServiceError):
+    code = "not_found"
+
+
+class Unauthorized(ServiceError):
+    code = "unauthorized"
+
+
+class NotReady(ServiceError):
+    code = "not_ready"
+
+
+# THE mapping from domain errors to statuses. Subclasses inherit their parent's status (first match in MRO).
+STATUS: dict[type[Exception], int] = {
+    MalformedBody: 400,
+    Unauthorized: 401,
+    NotFound: 404,
+    PayloadTooLarge: 413,
+    UnsupportedMedia: 415,
+    InvalidInput: 422,
+    StrategyUnavailable: 422,  # a known strategy this store cannot serve (no CVAE)
+    LayoutMismatchError: 422,  # an adapter that does not fit the served model
+    NotReady: 503,
+}
+FIELD_OF = {StrategyUnavailable: "strategy", LayoutMismatchError: "adapter_id"}
+HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+              413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_input", 503: "not_ready"}
+
+
+def status_of(exc: Exception) -> int:
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500
+
+
+def error_body(status: int, code: str, message: str, field: str | None = None,
+               details: list[dict] | None = None) -> dict:
+    return {"error": {"status": status, "code": code, "field": field, "message": message,
+                      "details": details if details is not None else [{"field": field, "message": message}]}}
+
+
+def error_response(status: int, code: str, message: str, field: str | None = None,
+                   details: list[dict] | None = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, code, message, field, details), status_code=status, headers=headers)
+
+
+def field_of_loc(loc: tuple | list) -> str | None:
+    """pydantic location ("body", "images", 3) -> "images[3]"; the "body"/"query" root is dropped."""
+    parts = list(loc)
+    if parts and parts[0] in ("body", "query", "path", "header", "form"):
+        parts = parts[1:]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or None
+
+
+def validation_details(errors: list[dict]) -> list[dict]:
+    details = []
+    for e in errors:
+        message = e.get("msg", "invalid value")
+        if message.startswith("Value error, "):
+            message = message[len("Value error, "):]
+        details.append({"field": field_of_loc(e.get("loc", ())), "message": message})
+    return details
+
+
+def validation_response(errors: list[dict]) -> JSONResponse:
+    details = validation_details(errors)
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return error_response(400, "malformed_body", "the body is not valid JSON: " + details[0]["message"],
+                              None, details)
+    first = details[0] if details else {"field": None, "message": "invalid request"}
+    return error_response(422, "invalid_input", first["message"], first["field"], details)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "ApiKey"} if isinstance(exc, Unauthorized) else None
+        return error_response(status_of(exc), exc.code, exc.message, exc.field, headers=headers)
+
+    @app.exception_handler(StrategyUnavailable)
+    @app.exception_handler(LayoutMismatchError)
+    async def _ml_error(request: Request, exc: Exception) -> JSONResponse:
+        status = status_of(exc)
+        return error_response(status, HTTP_CODES[status], str(exc), FIELD_OF.get(type(exc)))
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_response(list(exc.errors()))
+
+    @app.exception_handler(ValidationError)
+    async def _model_validation(request: Request, exc: ValidationError) -> JSONResponse:
+        # Raised when a route validates a body itself (the /retrieve JSON and multipart variants).
+        return validation_response(list(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = HTTP_CODES.get(exc.status_code, "error")
+        return error_response(exc.status_code, code, str(exc.detail), None, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal_error", "internal server error")

@@ -1,0 +1,33 @@
+"""Prometheus metrics, one registry per app (so tests can build several apps in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("sglora_http_requests", "HTTP requests", ["method", "route", "status"], registry=r)
+        self.latency = Histogram("sglora_http_request_duration_seconds", "HTTP request latency",
+                                 ["method", "route"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.cache_hits = Counter("sglora_cache_hits", "generation cache hits", ["backend"], registry=r)
+        self.cache_misses = Counter("sglora_cache_misses", "generation cache misses", ["backend"], registry=r)
+        self.cache_coalesced = Counter("sglora_cache_coalesced",
+                                       "requests that waited for an identical in-flight generation", registry=r)
+        self.cache_corrupt = Counter("sglora_cache_corrupt", "cache entries that failed to load and were replaced",
+                                     registry=r)
+        self.cache_errors = Counter("sglora_cache_errors", "cache backend errors (requests went on as misses)",
+                                    ["backend", "op"], registry=r)
+        self.cache_bypassed = Counter("sglora_cache_bypassed",
+                                      "cache operations skipped while backing off after a backend error", registry=r)
+        self.generations = Counter("sglora_generations", "adapters generated (cache misses)", ["strategy"],
+                                   registry=r)
+        self.generation_seconds = Histogram("sglora_generation_duration_seconds",
+                                            "description -> adapter file, on a cache miss", ["strategy"],
+                                            buckets=_LATENCY_BUCKETS, registry=r)
+        self.retrieval_seconds = Histogram("sglora_retrieval_duration_seconds", "embed + rank (images already decoded)",
+                                           ["adapter"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.ready = Gauge("sglora_ready", "1 once the model is loaded and warm", registry=r)

@@ -1,0 +1,105 @@
+"""The FastAPI application.
+
+`create_app(settings)` builds an app; the model is loaded in its lifespan (or behind it, with
+SGLORA_LOAD_IN_BACKGROUND=true, while /health/ready answers 503). `app.main:app` is created on first access
+(PEP 562 module __getattr__), so importing this module never reads the environment, and
+`uvicorn app.main:app` needs no --factory. Invalid settings end start-up with one message per bad variable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from app.api.deps import require_api_key
+from app.api.routes import experts, generate, health, retrieve
+from app.core.config import Settings
+from app.core.errors import install_error_handlers
+from app.core.metrics import Metrics
+from app.core.middleware import BodyLimitMiddleware, MetricsMiddleware
+from app.services.adapters import AdapterService
+from app.services.cache import make_cache
+from app.services.engine import Engine
+
+logger = logging.getLogger(__name__)
+EXPOSED_HEADERS = ["X-Adapter-Id", "X-Sample-Adapter-Ids", "X-Cache", "X-Coverage", "X-Coverage-Warning",
+                   "Content-Disposition"]
+
+
+def load_settings() -> Settings:
+    """Settings from the environment, or SystemExit naming each bad SGLORA_* variable."""
+    try:
+        return Settings()
+    except ValidationError as e:
+        lines = [f"  SGLORA_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in e.errors()]
+        raise SystemExit("sglora: invalid settings, the service cannot start:\n" + "\n".join(lines)) from None
+
+
+async def _load(engine: Engine, metrics: Metrics) -> None:
+    await run_in_threadpool(engine.load)
+    metrics.ready.set(1)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings if settings is not None else load_settings()
+    metrics = Metrics()
+    engine = Engine(settings.store_path, settings.device)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # The cache (its Redis connections) belongs to the serving event loop: made here, closed at shutdown.
+        cache = make_cache(settings, metrics)
+        app.state.cache = cache
+        app.state.adapters = AdapterService(engine, cache, metrics)
+        loader = None
+        if settings.load_in_background:
+            loader = asyncio.create_task(_load(engine, metrics))
+            loader.add_done_callback(
+                lambda t: t.cancelled() or t.exception() is None
+                or logger.error("model failed to load: %s", t.exception()))
+        else:
+            await _load(engine, metrics)  # a bad store ends start-up here, loudly
+        try:
+            yield
+        finally:
+            if loader is not None and not loader.done():
+                loader.cancel()
+            await cache.close()
+
+    app = FastAPI(title="sglora", version="0.1.0", lifespan=lifespan,
+                  description="SG-LoRA as a service: a one-line task description in, a CLIP LoRA adapter out.")
+    app.state.settings, app.state.metrics, app.state.engine = settings, metrics, engine
+    install_error_handlers(app)
+
+    # add_middleware wraps: the last added is outermost (metrics see every response, 413s included).
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Content-Type", "Accept", "X-API-Key"], expose_headers=EXPOSED_HEADERS)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+
+    protected = [Depends(require_api_key)]
+    app.include_router(health.router)
+    app.include_router(generate.router, dependencies=protected)
+    app.include_router(retrieve.router, dependencies=protected)
+    app.include_router(experts.router, dependencies=protected)
+    return app
+
+
+_app: FastAPI | None = None
+
+
+def __getattr__(name: str):
+    """`app.main.app`: the app for `uvicorn app.main:app`, built from the environment on first access."""
+    global _app
+    if name == "app":
+        if _app is None:
+            _app = create_app()
+        return _app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,125 @@
+"""The engine: the loaded model store, backbone with LoRA wrappers, and CVAE, held once per process.
+
+All methods here are blocking torch work; routes call them through `run_in_threadpool`. Nothing a request does
+modifies shared weights: adapters travel per sample in a context variable (`app.ml.lora.per_sample_lora`), so
+concurrent requests with different adapters share the model safely (DESIGN decision 6).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from app.ml.backbone import Backbone, load_backbone
+from app.ml.lora import LoRALayout, check_layout, inject_lora, no_lora
+from app.ml.retrieval import embed_pairs
+from app.ml.store import Store, StoreError, load_store
+from app.ml.strategies import Generation, GenerationRequest, generate_adapters
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """Per image, the texts ranked; per text, the images ranked (indices and cosine scores, best first)."""
+
+    image_to_text: list[list[tuple[int, float]]]
+    text_to_image: list[list[tuple[int, float]]]
+
+
+def rank(sim: torch.Tensor, top_k: int) -> list[list[tuple[int, float]]]:
+    """sim [N, M] -> for each row the top_k columns by score, descending; ties by lower index (stable)."""
+    scores, order = torch.sort(sim, dim=1, descending=True, stable=True)
+    k = min(top_k, sim.shape[1])
+    return [[(int(j), float(s)) for j, s in zip(o[:k].tolist(), sc[:k].tolist(), strict=True)]
+            for o, sc in zip(order, scores, strict=True)]
+
+
+class Engine:
+    def __init__(self, store_path, device: str = "auto"):
+        self.store_path, self.device_name = store_path, device
+        self.store: Store | None = None
+        self.backbone: Backbone | None = None
+        self.layout: LoRALayout | None = None
+        self.ready = False
+        self.load_error: str | None = None
+        self.load_seconds: float | None = None
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------------------- loading
+
+    def load(self) -> None:
+        """Load store + backbone, check they belong together, warm up. Raises StoreError on a mismatch."""
+        with self._lock:
+            if self.ready:
+                return
+            t0 = time.perf_counter()
+            try:
+                store = load_store(self.store_path)
+                backbone = load_backbone(store.base_model["name"], store.base_pretrained(), self.device_name)
+                layout = inject_lora(backbone.model, store.lora_config)
+                try:
+                    check_layout(store.layout, layout)
+                except ValueError as e:
+                    raise StoreError(f"{self.store_path}: {e}") from e
+                if store.base_model["weights_id"] != backbone.weights_id:
+                    raise StoreError(f"{self.store_path}: built on base weights {store.base_model['weights_id']}, "
+                                     f"but the model loaded has {backbone.weights_id}")
+                if store.cvae is not None:
+                    store.cvae.model.to(backbone.device)
+                self.store, self.backbone, self.layout = store, backbone, layout
+                self._warm_up()
+            except Exception as e:
+                self.load_error = f"{type(e).__name__}: {e}"
+                raise
+            self.load_seconds = time.perf_counter() - t0
+            self.ready = True
+            logger.info("engine ready: store %s (%d experts, D=%d) on %s in %.1fs", store.version, len(store.bank),
+                        layout.D, backbone.device, self.load_seconds)
+
+    def _warm_up(self) -> None:
+        """One forward through every path a request takes (routing, generation, per-sample LoRA on both towers)."""
+        query = self.describe("a photo")
+        gen = generate_adapters(self.store, "topk_weighted", GenerationRequest(query, k=1, tau=1.0))
+        if self.store.cvae is not None:
+            generate_adapters(self.store, "sglora_mean", GenerationRequest(query, k=1, tau=1.0))
+        size = self.backbone.image_size
+        image = Image.new("RGB", (size, size), (127, 127, 127))
+        embed_pairs(self.backbone, self.layout, gen.vectors[0], [image], ["a photo"])
+        embed_pairs(self.backbone, self.layout, None, [image], ["a photo"])
+
+    # ------------------------------------------------------------------------------------------ requests
+
+    @property
+    def library_size(self) -> int:
+        return len(self.store.bank)
+
+    @property
+    def version(self) -> str:
+        return self.store.version
+
+    def describe(self, description: str) -> np.ndarray:
+        """Routing query: the description's embedding by the FROZEN base model (never an attached adapter)."""
+        with no_lora(), torch.no_grad():
+            return self.backbone.encode_text([description])[0].cpu().numpy().astype(np.float32)
+
+    def generate(self, description: str, strategy: str, k: int, tau: float, seed: int, num_samples: int) -> Generation:
+        query = self.describe(description)
+        return generate_adapters(self.store, strategy, GenerationRequest(query, k, tau, seed, num_samples))
+
+    def retrieve(self, adapter: torch.Tensor | None, images: Sequence[Image.Image], texts: Sequence[str],
+                 top_k: int) -> Ranking:
+        image_emb, text_emb = embed_pairs(self.backbone, self.layout, adapter, images, list(texts))
+        sim = (image_emb @ text_emb.T).float().cpu()  # [N images, T texts], cosine
+        return Ranking(image_to_text=rank(sim, top_k), text_to_image=rank(sim.T, top_k))
+
+    def experts(self) -> list[dict]:
+        return [{"id": e["id"], "description": e["description"], "provenance": e.get("provenance", {})}
+                for e in self.store.manifest["experts"]]

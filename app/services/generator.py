@@ -1,0 +1,192 @@
+"""Description -> adapter file: generation parameters, the served safetensors format, and its parsing.
+
+The file
+--------
+A safetensors file whose tensors are the LoRA factors under PEFT-style names, exactly the store's layout
+entries, e.g. ``visual.transformer.resblocks.0.attn.q_proj.lora_A.weight`` [r, d] and ``...q_proj.lora_B.weight``
+[d, r] (also k_proj, v_proj; the text tower under ``transformer.resblocks.*`` when the store adapts it). The
+update to the fused ``in_proj_weight`` rows of projection p is ΔW_p = scale · B_p A_p, with ``scale`` in the
+metadata. Metadata (all strings): format, base_model, base_pretrained, weights_id, layout_hash, store_version,
+strategy, description, seed, k, tau, num_samples, sample_index, rank, alpha, scale, towers (JSON), trace (JSON:
+expert_ids, descriptions, similarities, weights, max_similarity; "null" for zero_shot) and, on sample 0 of a
+multi-sample request, sample_adapter_ids (JSON list of the other samples' ids).
+
+The bytes are canonical (header keys sorted), so one adapter always has one byte string, and its
+``adapter_id`` is the sha256 of the file: ``sha256sum <id>.safetensors`` verifies a download.
+
+num_samples > 1
+---------------
+Each sample is its own adapter with its own id, downloadable from /adapters/{id}. /generate-lora returns sample
+0 as the file (headers ``X-Adapter-Id`` and ``X-Sample-Adapter-Ids`` list all of them) or, with
+``Accept: application/json``, every id in ``adapter_ids``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from app.core.errors import InvalidInput
+from app.ml.lora import LoRALayout, state_dict_to_vector, vector_to_state_dict
+from app.ml.strategies import Generation
+from app.services.cache import normalise_description
+from app.services.engine import Engine
+
+ADAPTER_FORMAT = "sglora-adapter/1"
+
+
+class InvalidAdapter(ValueError):
+    """Bytes that are not an adapter file for the served model."""
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    description: str  # normalised: what is embedded, recorded and keyed (CLIP's tokenizer lowercases anyway)
+    strategy: str
+    k: int
+    tau: float
+    seed: int
+    num_samples: int
+
+
+def resolve_params(*, description: str, strategy: str, k: int | None, tau: float | None, seed: int,
+                   num_samples: int, settings, library_size: int) -> GenerationParams:
+    """Apply defaults and the limits that depend on settings or the loaded library (schema checks the rest)."""
+    text = description.strip()
+    if not text:
+        raise InvalidInput("description is empty", "description")
+    if len(text) > settings.max_description_chars:
+        raise InvalidInput(f"description has {len(text)} characters; the limit is {settings.max_description_chars}",
+                           "description")
+    k = min(settings.k, library_size) if k is None else k
+    if k > library_size:
+        raise InvalidInput(f"k={k} exceeds the library size: {library_size} experts", "k")
+    if num_samples > settings.max_num_samples:
+        raise InvalidInput(f"num_samples={num_samples} exceeds the limit of {settings.max_num_samples}", "num_samples")
+    tau = settings.tau if tau is None else float(tau)
+    return GenerationParams(normalise_description(text), strategy, k, tau, seed, num_samples)
+
+
+# ------------------------------------------------------------------------------------------- the file
+
+
+def canonical_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors.torch.save, with the JSON header re-written with sorted keys: safetensors writes its
+    metadata map in hash order, which differs between processes; a content-addressed id needs one byte string."""
+    raw = save_safetensors(tensors, metadata=metadata)
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # tensor data stays 8-byte aligned
+    return struct.pack("<Q", len(text)) + text + raw[8 + n :]
+
+
+def read_metadata(data: bytes) -> dict[str, str]:
+    if len(data) < 8:
+        raise InvalidAdapter("too short to be a safetensors file")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8 or n > 100 * 1024 * 1024:
+        raise InvalidAdapter("safetensors header length is out of range")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidAdapter(f"safetensors header is not JSON: {e}") from e
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(metadata, dict):
+        raise InvalidAdapter("safetensors file has no metadata")
+    return metadata
+
+
+def adapter_id_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class AdapterFile:
+    adapter_id: str
+    data: bytes
+    metadata: dict[str, str]
+    vector: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def trace(self) -> dict | None:
+        return json.loads(self.metadata.get("trace", "null"))
+
+    @property
+    def max_similarity(self) -> float | None:
+        trace = self.trace
+        return None if trace is None else trace.get("max_similarity")
+
+    @property
+    def adapter_ids(self) -> list[str]:
+        """This adapter's id, then the other samples' of the same request."""
+        return [self.adapter_id, *json.loads(self.metadata.get("sample_adapter_ids", "[]"))]
+
+
+def parse_adapter(data: bytes, layout: LoRALayout, weights_id: str, store_version: str | None = None) -> AdapterFile:
+    """Bytes -> AdapterFile, checked: a safetensors file of our format, made for this layout and base weights
+    (and, when given, this store version), with every tensor the layout needs. Raises InvalidAdapter."""
+    metadata = read_metadata(data)
+    if metadata.get("format") != ADAPTER_FORMAT:
+        raise InvalidAdapter(f"format {metadata.get('format')!r}, expected {ADAPTER_FORMAT!r}")
+    if metadata.get("layout_hash") != layout.hash:
+        raise InvalidAdapter(f"made for layout {metadata.get('layout_hash')}, the model serves {layout.hash}")
+    if metadata.get("weights_id") != weights_id:
+        raise InvalidAdapter(f"made for base weights {metadata.get('weights_id')}, the model serves {weights_id}")
+    if store_version is not None and metadata.get("store_version") != store_version:
+        raise InvalidAdapter(f"made by store {metadata.get('store_version')}, serving {store_version}")
+    try:
+        vector = state_dict_to_vector(layout, load_safetensors(data))
+    except Exception as e:  # safetensors raises its own error types for truncated/garbled data
+        raise InvalidAdapter(f"tensors do not load: {e}") from e
+    if not torch.isfinite(vector).all():
+        raise InvalidAdapter("adapter holds non-finite values")
+    return AdapterFile(adapter_id_of(data), data, metadata, vector)
+
+
+def build_files(engine: Engine, params: GenerationParams, generation: Generation) -> list[AdapterFile]:
+    """One file per sample; sample 0 first, its metadata naming the others."""
+    store, layout = engine.store, engine.layout
+    lora = store.lora_config
+    trace = generation.trace.to_dict() if generation.trace is not None else None
+    common = {
+        "format": ADAPTER_FORMAT,
+        "base_model": store.base_model["name"],
+        "base_pretrained": str(store.base_model.get("pretrained")),
+        "weights_id": engine.backbone.weights_id,
+        "layout_hash": layout.hash,
+        "store_version": store.version,
+        "strategy": generation.strategy,
+        "description": params.description,
+        "seed": str(params.seed),
+        "k": str(params.k),
+        "tau": repr(params.tau),
+        "num_samples": str(params.num_samples),
+        "rank": str(lora.rank),
+        "alpha": repr(lora.alpha),
+        "scale": repr(lora.scale),
+        "towers": json.dumps(list(lora.towers)),
+        "trace": json.dumps(trace),
+    }
+
+    def make(i: int, extra: dict[str, str]) -> AdapterFile:
+        vector = generation.vectors[i].detach().float().cpu().contiguous()
+        data = canonical_safetensors(vector_to_state_dict(layout, vector), common | {"sample_index": str(i)} | extra)
+        return AdapterFile(adapter_id_of(data), data, common | {"sample_index": str(i)} | extra, vector)
+
+    others = [make(i, {}) for i in range(1, generation.vectors.shape[0])]
+    extra = {"sample_adapter_ids": json.dumps([f.adapter_id for f in others])} if others else {}
+    return [make(0, extra), *others]
+
+
+def generate_files(engine: Engine, params: GenerationParams) -> list[AdapterFile]:
+    """Blocking: route with the base model, generate, serialise. Call from a worker thread."""
+    generation = engine.generate(params.description, params.strategy, params.k, params.tau, params.seed,
+                                 params.num_samples)
+    return build_files(engine, params, generation)
