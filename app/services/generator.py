@@ -7,9 +7,9 @@ entries, e.g. ``visual.transformer.resblocks.0.attn.q_proj.lora_A.weight`` [r, d
 [d, r] (also k_proj, v_proj; the text tower under ``transformer.resblocks.*`` when the store adapts it). The
 update to the fused ``in_proj_weight`` rows of projection p is ΔW_p = scale · B_p A_p, with ``scale`` in the
 metadata. Metadata (all strings): format, base_model, base_pretrained, weights_id, layout_hash, store_version,
-strategy, description, seed, k, tau, num_samples, sample_index, rank, alpha, scale, towers (JSON), trace (JSON:
-expert_ids, descriptions, similarities, weights, max_similarity; "null" for zero_shot) and, on sample 0 of a
-multi-sample request, sample_adapter_ids (JSON list of the other samples' ids).
+strategy, description, seed, k, tau, num_samples, sample_index, rank, alpha, scaling, scale, towers (JSON),
+trace (JSON: expert_ids, descriptions, similarities, weights, max_similarity; "null" for zero_shot) and, on
+sample 0 of a multi-sample request, sample_adapter_ids (JSON list of the other samples' ids).
 
 The bytes are canonical (header keys sorted), so one adapter always has one byte string, and its
 ``adapter_id`` is the sha256 of the file: ``sha256sum <id>.safetensors`` verifies a download.
@@ -170,6 +170,7 @@ def build_files(engine: Engine, params: GenerationParams, generation: Generation
         "num_samples": str(params.num_samples),
         "rank": str(lora.rank),
         "alpha": repr(lora.alpha),
+        "scaling": lora.scaling,
         "scale": repr(lora.scale),
         "towers": json.dumps(list(lora.towers)),
         "trace": json.dumps(trace),
