@@ -1,0 +1,225 @@
+"""The cache is an accelerator, not a dependency: real Redis on 127.0.0.1:6379 (own key prefix), a closed port,
+corrupt entries, single-flight, and the in-process LRU default."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import redis.asyncio as aioredis
+
+from app.core.metrics import Metrics
+from app.services import adapters as adapters_module
+from app.services.cache import Cache, LRUBackend, cache_key
+from tests.test_service_support import CLOSED_PORT_URL, metric, png_b64, redis_client, serving, settings_for
+
+
+@pytest.fixture(scope="module")
+def served(tiny_build):
+    settings = settings_for(tiny_build.out, redis_backoff_s=0.0)
+    with serving(settings) as client:
+        yield client, settings, tiny_build
+
+
+def gen_key(settings, client, description, strategy="topk_weighted", k=4, tau=0.05, seed=0, num_samples=1) -> str:
+    version = client.get("/health/ready").json()["store_version"]
+    return settings.redis_prefix + "gen:" + cache_key(description, strategy, k, tau, seed, num_samples, version)
+
+
+def post(client, description, strategy="topk_weighted", **extra):
+    r = client.post("/generate-lora", json={"description": description, "strategy": strategy} | extra)
+    assert r.status_code == 200, r.text
+    return r
+
+
+def test_entries_live_in_redis_with_a_ttl(served):
+    client, settings, _ = served
+    r = post(client, "a photo of an orange ring")
+    redis = redis_client()
+    key = gen_key(settings, client, "a photo of an orange ring")
+    assert redis.get(key) == r.content
+    assert 0 < redis.ttl(key) <= settings.cache_ttl_s
+    adapter_key = settings.redis_prefix + "adapter:" + r.headers["x-adapter-id"]
+    assert redis.get(adapter_key) == r.content and 0 < redis.ttl(adapter_key) <= settings.cache_ttl_s
+
+
+def _with_metadata(data: bytes, **changes) -> bytes:
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    header["__metadata__"] |= changes
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data[8 + n :]
+
+
+CORRUPTIONS = {
+    "garbage": lambda good: b"not a safetensors file",
+    "truncated": lambda good: good[: len(good) // 2],
+    "empty": lambda good: b"",
+    "other layout": lambda good: _with_metadata(good, layout_hash="0123456789abcdef"),
+    "other store": lambda good: _with_metadata(good, store_version="000000000000"),
+}
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_corrupt_entry_is_regenerated_and_overwritten(served, corruption):
+    client, settings, _ = served
+    description = f"a photo of a {corruption} thing"
+    good = post(client, description).content
+    key = gen_key(settings, client, description)
+    redis = redis_client()
+    redis.set(key, CORRUPTIONS[corruption](good))
+    corrupt0 = metric(client, "sglora_cache_corrupt_total")
+
+    again = post(client, description)
+    assert again.headers["x-cache"] == "miss" and again.content == good  # regenerated, same adapter
+    assert metric(client, "sglora_cache_corrupt_total") == corrupt0 + 1
+    assert redis.get(key) == good  # overwritten
+    assert post(client, description).headers["x-cache"] == "hit"
+
+
+def test_redis_on_a_closed_port_degrades_to_misses(tiny_build):
+    settings = settings_for(tiny_build.out, redis_url=CLOSED_PORT_URL, redis_backoff_s=0.0)
+    with serving(settings) as client:
+        assert client.get("/health/ready").status_code == 200  # readiness does not depend on Redis
+        errors0 = metric(client, "sglora_cache_errors_total", backend="redis")
+        t0 = time.perf_counter()
+        for _ in range(2):
+            r = post(client, "a photo of a red circle")
+            assert r.headers["x-cache"] == "miss"
+        desc = client.post("/retrieve", json={"images": [png_b64(_image())], "texts": ["a", "b"],
+                                              "description": "a photo of a red circle"})
+        assert desc.status_code == 200 and desc.json()["adapter"]["cache"] == "miss"
+        assert time.perf_counter() - t0 < 10  # short timeouts, no retries
+        assert metric(client, "sglora_cache_errors_total", backend="redis") >= errors0 + 3
+        assert metric(client, "sglora_cache_errors_total", backend="redis", op="get") >= 3
+        assert client.get("/health/ready").json()["cache_degraded"] is False  # backoff 0: retried every call
+
+
+def test_redis_lost_mid_test_then_back(served):
+    client, settings, _ = served
+    cache = client.app.state.cache
+    first = post(client, "a photo of a purple cross")
+    working = cache.backend.client
+    errors0 = metric(client, "sglora_cache_errors_total", backend="redis")
+    cache.backend.client = aioredis.Redis.from_url(CLOSED_PORT_URL, socket_timeout=0.25,
+                                                   socket_connect_timeout=0.25)
+    try:
+        during = post(client, "a photo of a purple cross")
+        assert during.headers["x-cache"] == "miss" and during.content == first.content
+        r = client.post("/retrieve", json={"images": [png_b64(_image())], "texts": ["a"],
+                                           "description": "a photo of a purple cross"})
+        assert r.status_code == 200
+        assert metric(client, "sglora_cache_errors_total", backend="redis") > errors0
+    finally:
+        cache.backend.client = working
+    assert post(client, "a photo of a purple cross").headers["x-cache"] == "hit"
+
+
+def test_backoff_skips_a_failing_backend_for_a_while(tiny_build):
+    settings = settings_for(tiny_build.out, redis_url=CLOSED_PORT_URL, redis_backoff_s=60.0)
+    with serving(settings) as client:
+        post(client, "a photo of a red circle")
+        errors = metric(client, "sglora_cache_errors_total", backend="redis")
+        assert errors >= 1 and client.get("/health/ready").json()["cache_degraded"] is True
+        post(client, "a photo of a red circle")
+        assert metric(client, "sglora_cache_errors_total", backend="redis") == errors  # skipped, not retried
+        assert metric(client, "sglora_cache_bypassed_total") >= 1
+
+
+def test_concurrent_misses_of_one_key_generate_once(served, monkeypatch):
+    client, _, _ = served
+    calls, lock = [], threading.Lock()
+    real = adapters_module.generate_files
+
+    def slow_generate(engine, params):
+        with lock:
+            calls.append(params)
+        time.sleep(0.5)  # keep the first generation in flight while the others arrive
+        return real(engine, params)
+
+    monkeypatch.setattr(adapters_module, "generate_files", slow_generate)
+    coalesced0 = metric(client, "sglora_cache_coalesced_total")
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda _: post(client, "a photo of a single flight", strategy="sglora"), range(4)))
+    assert len(calls) == 1
+    assert len({r.content for r in results}) == 1
+    assert sorted(r.headers["x-cache"] for r in results) == ["hit", "hit", "hit", "miss"]
+    assert metric(client, "sglora_cache_coalesced_total") == coalesced0 + 3
+
+
+def test_in_process_lru_is_the_default_without_redis(tiny_build):
+    with serving(settings_for(tiny_build.out, redis_url=None)) as client:
+        assert client.app.state.cache.backend.name == "lru"
+        first = post(client, "a photo of a red circle")
+        second = post(client, "a photo of a red circle")
+        assert (first.headers["x-cache"], second.headers["x-cache"]) == ("miss", "hit")
+        assert first.content == second.content
+        assert client.get(f"/adapters/{first.headers['x-adapter-id']}").content == first.content
+        assert metric(client, "sglora_cache_hits_total", backend="lru") == 1
+
+
+# ------------------------------------------------------------------------------------------- unit level
+
+
+def test_cache_key_normalises_the_description_and_covers_every_parameter():
+    base = dict(description="A photo  of a cat", strategy="sglora", k=4, tau=0.05, seed=0, num_samples=1,
+                store_version="v1")
+    key = cache_key(**base)
+    assert cache_key(**(base | {"description": "  a PHOTO of a cat\n"})) == key
+    for change in ({"description": "a photo of a dog"}, {"strategy": "topk_weighted"}, {"k": 3}, {"tau": 0.1},
+                   {"seed": 1}, {"num_samples": 2}, {"store_version": "v2"}):
+        assert cache_key(**(base | change)) != key, change
+
+
+def test_lru_backend_is_bounded_and_expires():
+    async def scenario():
+        lru = LRUBackend(max_entries=2)
+        await lru.set("a", b"1", 60)
+        await lru.set("b", b"2", 60)
+        assert await lru.get("a") == b"1"  # a is now most recent
+        await lru.set("c", b"3", 60)
+        assert await lru.get("b") is None and await lru.get("a") == b"1" and await lru.get("c") == b"3"
+        await lru.set("d", b"4", 0)
+        await asyncio.sleep(0.01)
+        assert await lru.get("d") is None
+
+    asyncio.run(scenario())
+
+
+def test_single_flight_shares_failures_and_does_not_cache_them():
+    async def scenario():
+        cache = Cache(LRUBackend(8), Metrics(), ttl_s=60)
+        calls = 0
+
+        async def failing():
+            nonlocal calls
+            calls += 1
+            await asyncio.sleep(0.05)
+            raise RuntimeError("boom")
+
+        async def valid(_):
+            return True
+
+        results = await asyncio.gather(*(cache.get_or_create("k", failing, valid) for _ in range(3)),
+                                       return_exceptions=True)
+        assert calls == 1 and all(isinstance(r, RuntimeError) for r in results)
+
+        async def ok():
+            return b"value"
+
+        assert await cache.get_or_create("k", ok, valid) == (b"value", "miss")
+        assert await cache.get_or_create("k", ok, valid) == (b"value", "hit")
+
+    asyncio.run(scenario())
+
+
+def _image():
+    from PIL import Image
+
+    return Image.new("RGB", (32, 32), (200, 30, 30))
