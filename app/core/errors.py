@@ -124,10 +124,14 @@ def validation_details(errors: list[dict]) -> list[dict]:
 
 
 def validation_response(errors: list[dict]) -> JSONResponse:
+    invalid_json = [e for e in errors if e.get("type") == "json_invalid"]
+    if invalid_json:  # its location is a character offset in the body, not a field
+        error = invalid_json[0]
+        offsets = [p for p in error.get("loc", ()) if isinstance(p, int)]
+        where = f" at character {offsets[-1]}" if offsets else ""
+        message = f"the body is not valid JSON: {error.get('ctx', {}).get('error', error.get('msg'))}{where}"
+        return error_response(400, "malformed_body", message)
     details = validation_details(errors)
-    if any(e.get("type") == "json_invalid" for e in errors):
-        return error_response(400, "malformed_body", "the body is not valid JSON: " + details[0]["message"],
-                              None, details)
     first = details[0] if details else {"field": None, "message": "invalid request"}
     return error_response(422, "invalid_input", first["message"], first["field"], details)
 
