@@ -1,0 +1,41 @@
+"""Smoke tests for bench/: a tiny slice of each benchmark runs and yields sane rows, so the code cannot rot.
+Nothing here is timed against a threshold; the numbers are `python -m bench`'s business."""
+
+from __future__ import annotations
+
+import math
+
+from bench import cvae_sample, generation, lora_forward
+from bench.__main__ import main
+from bench.timing import threads
+
+
+def _positive(x) -> bool:
+    return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+def test_lora_forward_and_cvae_benchmarks_run(capsys):
+    with threads(1):  # as `python -m bench` does on CPU: two threads on two busy cores wait on each other
+        rows = lora_forward.run(model="tiny_clip", batch_sizes=[2], repeats=2, min_time_s=0.0)
+    assert {(r["encoder"], r["mode"]) for r in rows} == {(e, m) for e in lora_forward.ENCODERS
+                                                         for m in lora_forward.MODES}
+    assert all(_positive(r["ms"]) and _positive(r["ratio"]) for r in rows)
+    assert all(r["ratio"] == 1.0 for r in rows if r["mode"] == "bare")
+    assert "per_sample_N" in lora_forward.table(rows)
+
+    with threads(1):
+        rows = cvae_sample.run(D=3000, num_samples=[2], repeats=1)
+    assert rows[0]["params"] > 0 and all(_positive(r["ms"]) for r in rows)
+    assert "sample n=2" in cvae_sample.table(rows)
+
+    assert main(["--model", "tiny", "--sections", "lora", "--batch-sizes", "1", "--repeats", "1", "--no-memory"]) == 0
+    assert "(a) LoRA forward, tiny_clip" in capsys.readouterr().out
+
+
+def test_generation_benchmark_runs_on_the_tiny_store(tiny_build):
+    with threads(1):
+        rows = generation.run(tiny_build.out, repeats=1)
+    by_strategy = {r["strategy"]: r for r in rows}
+    assert {"zero_shot", "topk_weighted", "sglora"} <= set(by_strategy)
+    assert by_strategy["zero_shot"]["ratio"] == 1.0
+    assert all(_positive(r["e2e_ms"]) and _positive(r["ratio"]) for r in rows)
