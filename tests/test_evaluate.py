@@ -86,6 +86,15 @@ def test_seed_zero_is_the_config_itself_and_other_seeds_move_split_experts_and_c
     assert (48 - paper.n_unseen, paper.n_unseen, paper.n_test_pairs) == (40, 8, 60)
 
 
+def test_cross_dataset_mode_treats_every_task_of_dataset_b_as_unseen():
+    from offline.config import DatasetConfig
+
+    b = DatasetConfig(kind="synthetic", n_pairs=10, n_test_pairs=4, seed=7, n_unseen=3)
+    split = ev.evaluation_split(None, b, seed=1)  # the library's context is not consulted in this mode
+    assert len(split.unseen) == 48 and not split.seen
+    assert all(len(split.test_pairs[t.name]) == 4 and len(t.pairs) == 6 for t in split.unseen)
+
+
 def test_cli_takes_several_seeds_after_one_flag(monkeypatch, tmp_path):
     from offline.__main__ import cli
 
