@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from app.ml.backbone import Backbone
-from app.ml.lora import LoRAConfig, LoRALayout, lora_parameters, lora_to_vector, no_lora, reset_lora
+from app.ml.lora import LoRAConfig, LoRALayout, lora_parameters, lora_to_vector, reset_lora
+from app.ml.retrieval import embed_descriptions
 from offline.data import Pair, Task
 
 logger = logging.getLogger(__name__)
@@ -119,11 +120,7 @@ def train_expert(
     return ExpertResult(moments.mean.float(), moments.var.float(), checkpoints, float(loss.item()))
 
 
-@torch.no_grad()
-def describe(backbone: Backbone, descriptions: Sequence[str]) -> torch.Tensor:
-    """d_e: normalised text embeddings of task descriptions by the frozen base model, never an adapter."""
-    with no_lora():
-        return backbone.encode_text(descriptions)
+describe = embed_descriptions  # d_e: the same base-model embedding the service routes with
 
 
 # ------------------------------------------------------------------------------------ expert files

@@ -15,6 +15,16 @@ from app.ml.lora import LoRALayout, no_lora, per_sample_lora
 
 
 @torch.no_grad()
+def embed_descriptions(backbone: Backbone, descriptions: Sequence[str]) -> torch.Tensor:
+    """Routing queries / d_e: [N, e] normalised text embeddings by the frozen base model, never an adapter.
+
+    An adapter left attached (a training step, a leftover trainable factor) would silently change top-K routing.
+    """
+    with no_lora():
+        return backbone.encode_text(descriptions)
+
+
+@torch.no_grad()
 def embed_pairs(
     backbone: Backbone,
     layout: LoRALayout,

@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 from app.ml.backbone import Backbone, load_backbone
-from app.ml.lora import LoRALayout, check_layout, inject_lora, no_lora
-from app.ml.retrieval import embed_pairs
+from app.ml.lora import LoRALayout, check_layout, inject_lora
+from app.ml.retrieval import embed_descriptions, embed_pairs
 from app.ml.store import Store, StoreError, load_store
 from app.ml.strategies import Generation, GenerationRequest, generate_adapters
 
@@ -107,8 +107,7 @@ class Engine:
 
     def describe(self, description: str) -> np.ndarray:
         """Routing query: the description's embedding by the FROZEN base model (never an attached adapter)."""
-        with no_lora(), torch.no_grad():
-            return self.backbone.encode_text([description])[0].cpu().numpy().astype(np.float32)
+        return embed_descriptions(self.backbone, [description])[0].cpu().numpy().astype(np.float32)
 
     def generate(self, description: str, strategy: str, k: int, tau: float, seed: int, num_samples: int) -> Generation:
         query = self.describe(description)
