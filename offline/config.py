@@ -44,6 +44,8 @@ class CVAETrainingConfig:
     batch_size: int = 64
     lr: float = 1e-3
     leave_self_out: bool = True  # condition each expert on its neighbours only: the unseen-task situation
+    val_fraction: float = 0.2  # experts held out to choose the training step (early stopping); 0: keep the last
+    eval_every: int = 25  # steps between validations
     seed: int = 0
 
 
@@ -84,8 +86,8 @@ class BuildConfig:
 TINY = BuildConfig(
     model_name="tiny_clip",
     pretrained=None,
-    pretrain_base_steps=150,
-    dataset=DatasetConfig(kind="synthetic", n_pairs=80, n_unseen=8, n_test_pairs=20),
+    pretrain_base_steps=600,
+    dataset=DatasetConfig(kind="synthetic", n_pairs=140, n_unseen=8, n_test_pairs=60),
     lora=LoRAConfig(rank=2, alpha=4.0, towers=("vision", "text")),
     experts=ExpertTrainingConfig(steps=100, lr=1e-2, batch_size=32, keep_last=20),
     cvae=CVAETrainingConfig(chunk_size=256, hidden=256, cond_dim=128, latent_dim=16, pos_dim=32, steps=400,

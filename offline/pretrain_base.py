@@ -2,7 +2,9 @@
 
 A random-init backbone retrieves at chance and its experts cannot learn the words (DESIGN, synthetic family).
 A short full-model CLIP run makes an under-trained generalist, the role ViT-B/16's pretrained weights play
-in production. The result is written as a local safetensors weights file and loaded like production weights.
+in production. 600 AdamW steps (≈50 s on 2 cores): at 150 the text tower had barely separated the descriptions
+(cosines 0.97–1.0), so routing was half noise and zero-shot moved by ±8 R@1 points with the batch order.
+The result is written as a local safetensors weights file and loaded like production weights.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ def pretrain_base(
     model_name: str,
     pairs: Sequence[Pair],
     out_path: Path,
-    steps: int = 150,
+    steps: int = 600,
     batch_size: int = 64,
     lr: float = 1e-3,
     seed: int = 0,

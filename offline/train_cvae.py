@@ -3,10 +3,12 @@
 Training pairs: X = one checkpoint of expert e ([D]), c = {µ*, σ*²} aggregated from e's top-K neighbours by
 the same router the service uses. With `leave_self_out` the expert is excluded from its own top-K, which is
 the situation of an unseen task at serving time (otherwise the CVAE learns to copy the nearest expert).
+Early stopping on held-out experts (see `train_cvae`) keeps it from memorising a small library.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -45,14 +47,43 @@ def load_checkpoints(store: Store, experts_dir: Path) -> tuple[torch.Tensor, tor
     return torch.cat(xs), torch.cat(owner)
 
 
+def split_experts(n_experts: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded (train rows, validation rows) of the library; validation gets round(fraction·E) experts, at least
+    one when fraction > 0 and E ≥ 2."""
+    n_val = min(max(round(fraction * n_experts), 1 if fraction > 0 else 0), n_experts - 1)
+    order = torch.randperm(n_experts, generator=torch.Generator().manual_seed(seed))
+    return order[n_val:].sort().values, order[:n_val].sort().values
+
+
+@torch.no_grad()
+def prior_mean_error(model: CVAE, target: torch.Tensor, cond_mu: torch.Tensor, cond_var: torch.Tensor) -> float:
+    """Mean squared error (per element, normalised space) of the prior-mean decode against experts' µ_e [V, D]."""
+    model.eval()
+    preds = torch.cat([model.sample(m, v, use_prior_mean=True) for m, v in zip(cond_mu, cond_var, strict=True)])
+    model.train()
+    return (preds - target).square().mean().item()
+
+
 def train_cvae(store: Store, experts_dir: Path, cfg: CVAETrainingConfig, k: int, tau: float,
                progress: bool = True) -> TrainedCVAE:
+    """Fit the CVAE on the library's checkpoints, keeping the step that best predicts held-out experts.
+
+    A library has tens of experts, so a decoder that learns X − µ* freely memorises its training experts and
+    generalises worse than µ* itself. `val_fraction` of the experts are held out; every `eval_every` steps the
+    prior-mean decode of their conditions is compared with their µ_e, and the best state is kept — step 0
+    included, where the zero-initialised residual decoder returns exactly µ*. SG-LoRA therefore starts from the
+    top-K weighted merge and moves away from it only as far as held-out experts say it helps.
+    """
     layout: LoRALayout = store.layout
     x_raw, owner = load_checkpoints(store, experts_dir)  # [N, D], [N]
     cond_mu_raw, cond_var_raw = conditions_for_experts(store, k, tau, cfg.leave_self_out)
     normalizer = TensorNormalizer(layout.segments()).fit(x_raw)
     x = normalizer.normalize(x_raw)
     cond_mu, cond_var = normalizer.normalize(cond_mu_raw), normalizer.normalize_var(cond_var_raw)
+    expert_mu = normalizer.normalize(torch.stack([x_raw[owner == i].mean(0) for i in range(len(store.bank))]))
+
+    train_rows, val_rows = split_experts(len(store.bank), cfg.val_fraction, cfg.seed)
+    train_idx = torch.cat([torch.nonzero(owner == r).flatten() for r in train_rows])  # checkpoints of train experts
 
     torch.manual_seed(cfg.seed)
     model = CVAE(CVAEConfig(D=layout.D, chunk_size=cfg.chunk_size, hidden=cfg.hidden, cond_dim=cfg.cond_dim,
@@ -61,17 +92,39 @@ def train_cvae(store: Store, experts_dir: Path, cfg: CVAETrainingConfig, k: int,
     logger.info("CVAE: %d parameters for D=%d", n_params, layout.D)
     optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     generator = torch.Generator().manual_seed(cfg.seed)
-    bar = tqdm(range(cfg.steps), desc=f"cvae ({n_params / 1e6:.2f}M params)", disable=not progress)
+
+    def validation_error() -> float:
+        if len(val_rows) == 0:
+            return float("nan")
+        return prior_mean_error(model, expert_mu[val_rows], cond_mu[val_rows], cond_var[val_rows])
+
+    best_error, best_step = validation_error(), 0  # step 0: the decoder returns µ* exactly
+    baseline_error = best_error
+    best_state = copy.deepcopy(model.state_dict())
+    bar = tqdm(range(1, cfg.steps + 1), desc=f"cvae ({n_params / 1e6:.2f}M params)", disable=not progress)
     model.train()
-    for _ in bar:
-        idx = torch.randint(len(x), (min(cfg.batch_size, len(x)),), generator=generator)
-        rows = owner[idx]
-        out = model(x[idx], cond_mu[rows], cond_var[rows])
+    recon = kl = torch.tensor(float("nan"))
+    for step in bar:
+        idx = train_idx[torch.randint(len(train_idx), (min(cfg.batch_size, len(train_idx)),), generator=generator)]
+        out = model(x[idx], cond_mu[owner[idx]], cond_var[owner[idx]])
         total, recon, kl = model.loss(out, x[idx])
         optimiser.zero_grad(set_to_none=True)
         total.backward()
         optimiser.step()
-        bar.set_postfix(recon=f"{recon.item():.4f}", kl=f"{kl.item():.3f}")
-    info = {"parameters": n_params, "steps": cfg.steps, "final_recon": recon.item(), "final_kl": kl.item(),
-            "k": k, "tau": tau, "leave_self_out": cfg.leave_self_out, "n_checkpoints": len(x), "seed": cfg.seed}
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            error = validation_error()
+            logger.debug("step %d val %.4f", step, error)
+            if len(val_rows) == 0 or error < best_error:
+                best_error, best_step, best_state = error, step, copy.deepcopy(model.state_dict())
+            bar.set_postfix(recon=f"{recon.item() / layout.D:.4f}", kl=f"{kl.item():.2f}", val=f"{error:.4f}",
+                            best=best_step)
+    model.load_state_dict(best_state)
+    logger.info("CVAE: kept step %d of %d (held-out error %.4f; µ* alone %.4f)", best_step, cfg.steps, best_error,
+                baseline_error)
+    info = {"parameters": n_params, "steps": cfg.steps, "best_step": best_step,
+            "val_experts": [store.bank.ids[i] for i in val_rows.tolist()],
+            "val_error": best_error, "val_error_of_mu_star": baseline_error,
+            "final_recon_per_element": recon.item() / layout.D, "final_kl": kl.item(),
+            "k": k, "tau": tau, "leave_self_out": cfg.leave_self_out, "n_checkpoints": len(train_idx),
+            "seed": cfg.seed}
     return TrainedCVAE(model.eval(), normalizer, info)

@@ -7,15 +7,13 @@ at r=2). The condition c = {µ*, σ*²} (each ∈ R^D) comes from the sparse agg
 * prior    p(z | c)     – the semantic prior sampled from at inference (not N(0, I));
 * decoder  p(X | z, c).
 
-Loss (negative ELBO): ``mean((X − X̂)²) + λ · KL(q ‖ p)`` with λ = ``kl_weight`` (paper: 1). The
-reconstruction term is the *per-element* mean squared error and the KL is summed over latent
-dimensions and averaged over the batch, so λ trades nats of latent information against the average
-squared error of one (normalised) LoRA weight. Consequence worth knowing when training: at λ = 1 a
-nat carried by z must lower the *per-element* MSE by 1, which it cannot, so q collapses onto p
-(KL → 0), the decoder ignores z and samples with different seeds become (nearly) identical: the
-model degenerates to a learned deterministic map c → X̂. The textbook ELBO with a unit-variance
-Gaussian decoder, Σ_D (X − X̂)²/2 + KL, equals (D/2)·(MSE + (2/D)·KL), i.e. λ = 2/D (≈1.8e-5 for
-ViT-B/16); on the synthetic data of the tests λ ≈ 1e-4 keeps z in use (KL ≈ 1–2 nats).
+Loss (negative ELBO, the paper's): ``‖X − X̂‖² + λ · KL(q ‖ p)`` with λ = ``kl_weight`` (paper: 1).
+The reconstruction term is the squared L2 norm over all D elements (not their mean) and both terms are
+averaged over the batch. This is the textbook ELBO of a unit-variance Gaussian decoder (up to a factor 2),
+so at λ = 1 a nat carried by z pays for itself as soon as it lowers the summed squared error by one unit
+— z stays in use and samples with different seeds differ. (An earlier version averaged the squared error
+over D; at λ = 1 that made a nat cost D times more, q collapsed onto p, KL ≈ 2e-5 and every seed decoded
+the same adapter.)
 
 Why factorised (DESIGN decision 5): a plain MLP reading D inputs plus a 2·D condition has hundreds
 of millions of weights. Instead the flat vector is cut into ``n_chunks`` fixed-size chunks (the tail
@@ -368,9 +366,9 @@ class CVAE(nn.Module):
         return CVAEOutput(x_hat=x_hat, q_mean=q_mean, q_logvar=q_logvar, p_mean=p_mean, p_logvar=p_logvar)
 
     def loss(self, out: CVAEOutput, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(total, recon_mse, kl): recon is the mean over all B·D elements, kl is summed over latent
-        dimensions and averaged over the batch; total = recon + kl_weight · kl."""
-        recon = F.mse_loss(out.x_hat, x)
+        """(total, recon, kl): recon = ‖X − X̂‖² summed over D, kl summed over latent dimensions, both
+        averaged over the batch; total = recon + kl_weight · kl."""
+        recon = (out.x_hat - x).square().sum(dim=-1).mean()
         kl = kl_diag_gaussians(out.q_mean, out.q_logvar, out.p_mean, out.p_logvar).mean()
         return recon + self.config.kl_weight * kl, recon, kl
 

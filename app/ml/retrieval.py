@@ -48,20 +48,42 @@ def embed_pairs(
     return image_emb, text_emb
 
 
-def rank_of_match(sim: torch.Tensor) -> torch.Tensor:
-    """sim [N, N] with the match of row i at column i -> 0-based rank of each match [N].
+def same_caption_mask(captions: Sequence[str]) -> torch.Tensor:
+    """[N, N] bool: pair i's image and pair j's caption are a correct match when the captions are identical.
 
-    Ties count against the match (pessimistic): an item scoring the same as the match is ranked above it, so a
+    Held-out sets of a task often repeat a caption (the synthetic family has 40 distinct captions per task): an
+    image matched to another copy of its own caption is right, and counting it wrong would cap R@1 far below 100.
+    """
+    index = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+    ids = torch.tensor([index[c] for c in captions])
+    return ids[:, None] == ids[None, :]
+
+
+def rank_of_match(sim: torch.Tensor, positives: torch.Tensor | None = None) -> torch.Tensor:
+    """0-based rank of the best-scoring correct item of each row of sim [N, T] -> [N].
+
+    `positives` [N, T] marks the correct items (default: the diagonal, one match per row). Ties count against
+    the match (pessimistic): a wrong item scoring the same as the best correct one is ranked above it, so a
     constant similarity matrix scores R@1 = 0, never a lucky 100.
     """
-    target = sim.diagonal()[:, None]  # [N, 1]
-    others = ~torch.eye(len(sim), dtype=torch.bool, device=sim.device)
-    return ((sim >= target) & others).sum(dim=1)
+    if positives is None:
+        positives = torch.eye(sim.shape[0], sim.shape[1], dtype=torch.bool, device=sim.device)
+    best = sim.masked_fill(~positives, float("-inf")).max(dim=1, keepdim=True).values  # [N, 1]
+    return ((sim >= best) & ~positives).sum(dim=1)
 
 
-def recall_at_k(sim: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, dict[int, float]]:
-    """I2T and T2I Recall@K in percent for a square image×text similarity matrix with matches on the diagonal."""
+def recall_at_k(sim: torch.Tensor, ks: Sequence[int] = (1, 5, 10),
+                positives: torch.Tensor | None = None) -> dict[str, dict[int, float]]:
+    """I2T and T2I Recall@K in percent for a square image×text similarity matrix.
+
+    Matches are on the diagonal, plus wherever `positives` [N, N] (e.g. `same_caption_mask`) says so.
+    """
     if sim.ndim != 2 or sim.shape[0] != sim.shape[1]:
         raise ValueError(f"recall_at_k needs a square similarity matrix, got {list(sim.shape)}")
-    ranks = {"i2t": rank_of_match(sim), "t2i": rank_of_match(sim.T)}
+    if positives is not None:
+        if positives.shape != sim.shape:
+            raise ValueError(f"positives must match sim's shape {list(sim.shape)}, got {list(positives.shape)}")
+        positives = positives.to(sim.device) | torch.eye(len(sim), dtype=torch.bool, device=sim.device)
+    ranks = {"i2t": rank_of_match(sim, positives),
+             "t2i": rank_of_match(sim.T, None if positives is None else positives.T)}
     return {d: {k: 100.0 * (r < k).float().mean().item() for k in ks} for d, r in ranks.items()}
