@@ -80,7 +80,7 @@ def train_cvae(store: Store, experts_dir: Path, cfg: CVAETrainingConfig, k: int,
     normalizer = TensorNormalizer(layout.segments()).fit(x_raw)
     x = normalizer.normalize(x_raw)
     cond_mu, cond_var = normalizer.normalize(cond_mu_raw), normalizer.normalize_var(cond_var_raw)
-    expert_mu = normalizer.normalize(torch.stack([x_raw[owner == i].mean(0) for i in range(len(store.bank))]))
+    expert_mu = normalizer.normalize(store.bank.mu)  # [E, D]: what a generated adapter should land on
 
     train_rows, val_rows = split_experts(len(store.bank), cfg.val_fraction, cfg.seed)
     train_idx = torch.cat([torch.nonzero(owner == r).flatten() for r in train_rows])  # checkpoints of train experts
@@ -93,9 +93,9 @@ def train_cvae(store: Store, experts_dir: Path, cfg: CVAETrainingConfig, k: int,
     optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     generator = torch.Generator().manual_seed(cfg.seed)
 
-    def validation_error() -> float:
+    def validation_error() -> float | None:  # None: nothing held out, the last step is kept
         if len(val_rows) == 0:
-            return float("nan")
+            return None
         return prior_mean_error(model, expert_mu[val_rows], cond_mu[val_rows], cond_var[val_rows])
 
     best_error, best_step = validation_error(), 0  # step 0: the decoder returns µ* exactly
@@ -113,13 +113,11 @@ def train_cvae(store: Store, experts_dir: Path, cfg: CVAETrainingConfig, k: int,
         optimiser.step()
         if step % cfg.eval_every == 0 or step == cfg.steps:
             error = validation_error()
-            logger.debug("step %d val %.4f", step, error)
-            if len(val_rows) == 0 or error < best_error:
+            if error is None or error < best_error:
                 best_error, best_step, best_state = error, step, copy.deepcopy(model.state_dict())
-            bar.set_postfix(recon=f"{recon.item() / layout.D:.4f}", kl=f"{kl.item():.2f}", val=f"{error:.4f}",
-                            best=best_step)
+            bar.set_postfix(recon=f"{recon.item() / layout.D:.4f}", kl=f"{kl.item():.2f}", val=error, best=best_step)
     model.load_state_dict(best_state)
-    logger.info("CVAE: kept step %d of %d (held-out error %.4f; µ* alone %.4f)", best_step, cfg.steps, best_error,
+    logger.info("CVAE: kept step %d of %d (held-out error %s; µ* alone %s)", best_step, cfg.steps, best_error,
                 baseline_error)
     info = {"parameters": n_params, "steps": cfg.steps, "best_step": best_step,
             "val_experts": [store.bank.ids[i] for i in val_rows.tolist()],

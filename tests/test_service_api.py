@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from fastapi.testclient import TestClient
 from safetensors import safe_open
 from safetensors.torch import load as load_bytes
 
+from offline import pipeline
 from tests.test_service_support import encode, metric, png_b64, serving, settings_for
 
 N_PAIRS = 8
@@ -117,17 +120,30 @@ def test_json_variant_and_download_by_id(served):
     assert client.get(f"/adapters/{'0' * 64}").status_code == 404
 
 
-def test_multiple_samples_are_distinct_downloadable_adapters(served):
-    client, _ = served
-    r = client.post("/generate-lora", json={"description": "a photo of a pink star", "num_samples": 3},
-                    headers={"Accept": "application/json"})
-    assert r.status_code == 200, r.text
-    ids = r.json()["adapter_ids"]
-    assert len(set(ids)) == 3 and ids[0] == r.json()["adapter_id"]
-    files = [client.get(f"/adapters/{i}") for i in ids]
-    assert all(f.status_code == 200 for f in files)
-    vectors = [torch.cat([t.flatten() for _, t in sorted(load_bytes(f.content).items())]) for f in files]
-    assert not torch.equal(vectors[0], vectors[1]) and not torch.equal(vectors[1], vectors[2])
+@pytest.fixture(scope="module")
+def sampling_build(tiny_build, tmp_path_factory):
+    """The tiny store with its CVAE trained to the last step. The shipped CVAE is early-stopped on held-out experts
+    and may be its step 0, where z is unused and every sample is µ*; this one's samples differ by seed."""
+    out = tmp_path_factory.mktemp("sampling") / "tiny"
+    shutil.copytree(tiny_build.work, out.with_name(out.name + ".work"))
+    config = replace(tiny_build.config, cvae=replace(tiny_build.config.cvae, steps=60, val_fraction=0.0))
+    ctx = pipeline.make_context(config, out)
+    pipeline.step_build_library(ctx)
+    pipeline.step_train_cvae(ctx, progress=False)
+    return ctx
+
+
+def test_multiple_samples_are_distinct_downloadable_adapters(sampling_build):
+    with serving(settings_for(sampling_build.out, redis_url=None)) as client:
+        r = client.post("/generate-lora", json={"description": "a photo of a pink star", "num_samples": 3},
+                        headers={"Accept": "application/json"})
+        assert r.status_code == 200, r.text
+        ids = r.json()["adapter_ids"]
+        assert len(set(ids)) == 3 and ids[0] == r.json()["adapter_id"]
+        files = [client.get(f"/adapters/{i}") for i in ids]
+        assert all(f.status_code == 200 for f in files)
+        vectors = [torch.cat([t.flatten() for _, t in sorted(load_bytes(f.content).items())]) for f in files]
+        assert not torch.equal(vectors[0], vectors[1]) and not torch.equal(vectors[1], vectors[2])
 
 
 def test_low_coverage_is_flagged(tiny_build):
