@@ -2,7 +2,7 @@
 # What a new user does: clone, `make serve`, wait for /health/ready, generate one adapter. Prints the timings.
 # Usage: scripts/smoke-serve.sh [PORT] [DEADLINE_S]   (README states the budget this checks)
 set -euo pipefail
-port=${1:-8765}; deadline=${2:-900}
+port=${1:-8765}; deadline=${2:-600}
 src=$(git -C "$(dirname "$0")/.." rev-parse --show-toplevel)
 dir=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$dir"' EXIT
 git clone -q "$src" "$dir/sglora"; cd "$dir/sglora"
