@@ -107,6 +107,9 @@ class ExpertsResponse(BaseModel):
     store_version: str
     count: int
     experts: list[Expert]
+    # How the store's CVAE was trained (manifest cvae.info), null without one. best_step 0 means early stopping
+    # kept the untrained residual decoder: sglora then returns the top-K weighted merge µ*, whatever the seed.
+    cvae: dict | None = None
 
 
 class Health(BaseModel):

@@ -288,6 +288,7 @@ def test_experts_lists_the_library(served):
     assert body["count"] == len(m["experts"]) == len(ctx.split.seen)
     assert [e["id"] for e in body["experts"]] == [e["id"] for e in m["experts"]]
     assert body["experts"][0]["description"] and "layout_hash" in body["experts"][0]["provenance"]
+    assert body["cvae"]["best_step"] == m["cvae"]["info"]["best_step"]  # users can see whether sglora is µ*
 
 
 def test_metrics_move_after_requests(served):

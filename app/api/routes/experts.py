@@ -13,4 +13,5 @@ router = APIRouter(tags=["library"])
 @router.get("/experts", response_model=ExpertsResponse)
 async def experts(engine: EngineDep) -> ExpertsResponse:
     items = engine.experts()
-    return ExpertsResponse(store_version=engine.version, count=len(items), experts=items)
+    cvae = engine.store.cvae.info if engine.store.cvae is not None else None
+    return ExpertsResponse(store_version=engine.version, count=len(items), experts=items, cvae=cvae)
