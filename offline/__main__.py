@@ -1,4 +1,8 @@
-"""`python -m offline build --tiny` and its steps (train-experts, build-library, train-cvae) run alone."""
+"""`python -m offline build --tiny` and its steps (prepare, train-experts, build-library, train-cvae) run alone.
+
+`--engine ray [--address HOST:PORT]` trains the experts as one Ray task each (offline/engine.py); the local engine
+(in this process) is the default. `--shard` reads JOB_COMPLETION_INDEX when it is set (a Kubernetes Indexed Job).
+"""
 
 from __future__ import annotations
 
@@ -10,11 +14,18 @@ import typer
 
 from offline import pipeline
 from offline.config import TINY, BuildConfig
+from offline.engine import ENGINES, make_engine
 
 cli = typer.Typer(add_completion=False, help="SG-LoRA offline job: experts → library → CVAE.")
 ConfigOpt = typer.Option(None, "--config", help="build config JSON (see offline/config.py)")
 TinyOpt = typer.Option(False, "--tiny", help="the tiny CPU demo config (synthetic family)")
 OutOpt = typer.Option(Path("model_store/tiny"), "--out", help="store directory to write")
+EngineOpt = typer.Option("local", "--engine", help=f"where experts train: {' | '.join(ENGINES)}")
+AddressOpt = typer.Option(None, "--address", help="ray: cluster address (host:port, ray://..., auto); "
+                          "unset: start a local Ray for this run")
+TaskCpusOpt = typer.Option(1.0, "--task-cpus", help="ray: CPUs per expert task (fractions allowed)")
+TaskGpusOpt = typer.Option(0.0, "--task-gpus", help="ray: GPUs per expert task (0.25: four experts per GPU)")
+RetriesOpt = typer.Option(3, "--max-retries", help="ray: re-runs of an expert whose worker died")
 
 
 def _config(config: Path | None, tiny: bool) -> BuildConfig:
@@ -24,17 +35,44 @@ def _config(config: Path | None, tiny: bool) -> BuildConfig:
 
 
 @cli.command()
-def build(config: Path | None = ConfigOpt, tiny: bool = TinyOpt, out: Path = OutOpt) -> None:
+def build(config: Path | None = ConfigOpt, tiny: bool = TinyOpt, out: Path = OutOpt, engine: str = EngineOpt,
+          address: str | None = AddressOpt, task_cpus: float = TaskCpusOpt, task_gpus: float = TaskGpusOpt,
+          max_retries: int = RetriesOpt) -> None:
     """Everything: train-experts → build-library → train-cvae."""
-    typer.echo(json.dumps(pipeline.build(_config(config, tiny), out), indent=2))
+    build_config = _config(config, tiny)
+    with _engine(engine, address, task_cpus, task_gpus, max_retries) as eng:
+        typer.echo(json.dumps(pipeline.build(build_config, out, engine=eng), indent=2))
+
+
+@cli.command()
+def prepare(config: Path | None = ConfigOpt, tiny: bool = TinyOpt, out: Path = OutOpt) -> None:
+    """The shared preparation alone (pretrain the base when the config asks), before parallel train-experts."""
+    ctx = pipeline.make_context(_config(config, tiny), out)
+    pipeline.ensure_base(ctx)
+    typer.echo(f"base weights: {ctx.pretrained()}")
 
 
 @cli.command("train-experts")
 def train_experts(config: Path | None = ConfigOpt, tiny: bool = TinyOpt, out: Path = OutOpt,
-                  shard: int = typer.Option(0), num_shards: int = typer.Option(1)) -> None:
+                  shard: int = typer.Option(0, envvar="JOB_COMPLETION_INDEX",
+                                            help="this job's shard (default: $JOB_COMPLETION_INDEX, else 0)"),
+                  num_shards: int = typer.Option(1), engine: str = EngineOpt, address: str | None = AddressOpt,
+                  task_cpus: float = TaskCpusOpt, task_gpus: float = TaskGpusOpt,
+                  max_retries: int = RetriesOpt) -> None:
     ctx = pipeline.make_context(_config(config, tiny), out)
-    trained = pipeline.step_train_experts(ctx, shard=shard, num_shards=num_shards)
+    with _engine(engine, address, task_cpus, task_gpus, max_retries) as eng:
+        trained = pipeline.step_train_experts(ctx, shard=shard, num_shards=num_shards, engine=eng)
     typer.echo(f"trained {len(trained)} experts into {ctx.experts_dir}")
+
+
+def _engine(name: str, address: str | None, task_cpus: float, task_gpus: float, max_retries: int):
+    if name not in ENGINES:
+        raise typer.BadParameter(f"unknown engine {name!r}: choose one of {', '.join(ENGINES)}", param_hint="--engine")
+    if name == "local" and address is not None:
+        raise typer.BadParameter("--address needs --engine ray", param_hint="--address")
+    if task_cpus < 0 or task_gpus < 0 or (task_cpus == 0 and task_gpus == 0):
+        raise typer.BadParameter("a task needs a positive CPU or GPU share", param_hint="--task-cpus/--task-gpus")
+    return make_engine(name, address=address, num_cpus=task_cpus, num_gpus=task_gpus, max_retries=max_retries)
 
 
 @cli.command("build-library")

@@ -2,13 +2,19 @@
 
 Paths: the store goes to `out`; intermediate artifacts (expert checkpoints, the pretrained tiny base) to
 `<out>.work/`, so the store stays what the server loads and nothing else.
+
+Experts are trained through an engine (offline/engine.py): `local` (default, in this process) or `ray` (one task
+per expert). Either way the preparation is done once here (base weights pretrained/loaded, the dataset loaded
+and split) and handed to the work items, and each finished expert is written here as it arrives, into the same
+files, so both engines produce the same store and a re-run (or a run after a crash) trains only what is missing.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from app.ml.backbone import Backbone, load_backbone
@@ -17,9 +23,18 @@ from app.ml.store import BASE_WEIGHTS_FILE, load_store
 from offline.build_library import build_library
 from offline.config import BuildConfig, TaskSplit, load_tasks, split_dataset
 from offline.data import LoadReport
+from offline.engine import LocalEngine, RayEngine
 from offline.pretrain_base import pretrain_base
 from offline.train_cvae import train_cvae
-from offline.train_experts import train_experts
+from offline.train_experts import (
+    expert_path,
+    pending_tasks,
+    record_from_result,
+    release_worker_state,
+    task_item,
+    train_expert_item,
+    write_expert,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +86,39 @@ def adapted_backbone(ctx: BuildContext, device: str = "cpu") -> tuple[Backbone, 
     return backbone, inject_lora(backbone.model, ctx.config.lora)
 
 
-def step_train_experts(ctx: BuildContext, shard: int = 0, num_shards: int = 1, progress: bool = True) -> list[str]:
+def expert_shared(ctx: BuildContext, engine: LocalEngine | RayEngine) -> dict:
+    """What every expert task needs, prepared once: model, weights, LoRA and training config, device.
+
+    Ray tasks get local base weights as bytes (through the object store, once), so workers need no shared
+    filesystem; the local engine reads the file where it is. A pretrained tag is loaded by each worker.
+    """
+    pretrained = ctx.pretrained()
+    if engine.name == "ray" and pretrained is not None and os.path.isfile(pretrained):
+        weights = {"data": Path(pretrained).read_bytes(), "suffix": Path(pretrained).suffix}
+    else:
+        weights = {"pretrained": pretrained}
+    device = "cuda" if engine.resources.num_gpus > 0 else "cpu"
+    return {"model_name": ctx.config.model_name, "weights": weights, "lora": ctx.config.lora.to_dict(),
+            "experts": asdict(ctx.config.experts), "device": device}
+
+
+def step_train_experts(ctx: BuildContext, shard: int = 0, num_shards: int = 1, progress: bool = True,
+                       engine: LocalEngine | RayEngine | None = None) -> list[str]:
+    """Train this shard's missing experts on `engine` (default: local); returns the names trained."""
     ensure_base(ctx, progress)
-    backbone, layout = adapted_backbone(ctx)
-    return train_experts(backbone, layout, ctx.config.lora, ctx.split.seen, ctx.config.experts, ctx.experts_dir,
-                         shard=shard, num_shards=num_shards, progress=progress)
+    engine = engine or LocalEngine()
+    ctx.experts_dir.mkdir(parents=True, exist_ok=True)
+    todo = pending_tasks(ctx.split.seen, ctx.experts_dir, shard, num_shards)
+    items = ((t.name, task_item(t)) for t in todo)
+    trained = []
+    try:
+        for name, result in engine.map(train_expert_item, items, shared=expert_shared(ctx, engine), total=len(todo),
+                                       desc=f"experts (shard {shard}/{num_shards})", progress=progress):
+            write_expert(expert_path(ctx.experts_dir, name), record_from_result(name, result))
+            trained.append(name)
+    finally:
+        release_worker_state()  # the local engine's backbone: not needed once the experts are written
+    return trained
 
 
 def step_build_library(ctx: BuildContext, cvae=None) -> str:
@@ -91,11 +134,12 @@ def step_train_cvae(ctx: BuildContext, progress: bool = True) -> str:
     return step_build_library(ctx, cvae=cvae)
 
 
-def build(config: BuildConfig, out: Path, progress: bool = True) -> dict:
-    """The whole offline job; returns timings and what was done."""
+def build(config: BuildConfig, out: Path, progress: bool = True,
+          engine: LocalEngine | RayEngine | None = None) -> dict:
+    """The whole offline job (experts on `engine`, default local); returns timings and what was done."""
     ctx = make_context(config, out)
     timings, t0 = {}, time.perf_counter()
-    trained = step_train_experts(ctx, progress=progress)
+    trained = step_train_experts(ctx, progress=progress, engine=engine)
     timings["experts_s"] = time.perf_counter() - t0
     step_build_library(ctx)
     timings["library_s"] = time.perf_counter() - t0 - timings["experts_s"]

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 from app.core.errors import InvalidInput
+from app.ml.canonical import canonical_safetensors
 from app.ml.lora import LoRALayout, state_dict_to_vector, vector_to_state_dict
 from app.ml.strategies import Generation
 from app.services.cache import normalise_description
@@ -74,17 +74,6 @@ def resolve_params(*, description: str, strategy: str, k: int | None, tau: float
 
 
 # ------------------------------------------------------------------------------------------- the file
-
-
-def canonical_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    """safetensors.torch.save, with the JSON header re-written with sorted keys: safetensors writes its
-    metadata map in hash order, which differs between processes; a content-addressed id needs one byte string."""
-    raw = save_safetensors(tensors, metadata=metadata)
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + n])
-    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-    text += b" " * (-len(text) % 8)  # tensor data stays 8-byte aligned
-    return struct.pack("<Q", len(text)) + text + raw[8 + n :]
 
 
 def read_metadata(data: bytes) -> dict[str, str]:
