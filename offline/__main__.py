@@ -24,7 +24,8 @@ EngineOpt = typer.Option("local", "--engine", help=f"where experts train: {' | '
 AddressOpt = typer.Option(None, "--address", help="ray: cluster address (host:port, ray://..., auto); "
                           "unset: start a local Ray for this run")
 TaskCpusOpt = typer.Option(1.0, "--task-cpus", help="ray: CPUs per expert task (fractions allowed)")
-TaskGpusOpt = typer.Option(0.0, "--task-gpus", help="ray: GPUs per expert task (0.25: four experts per GPU)")
+TaskGpusOpt = typer.Option(0.0, "--task-gpus", help="GPUs per expert task (ray: a share, 0.25 = four per GPU; "
+                           "local: > 0 trains on this process's GPU)")
 RetriesOpt = typer.Option(3, "--max-retries", help="ray: re-runs of an expert whose worker died")
 
 

@@ -21,8 +21,6 @@ from offline.train_experts import ExpertTrainingConfig
 
 from .engine_tasks import die_once, fail_on
 
-ray = pytest.importorskip("ray", reason="the ray extra is not installed: pip install 'sglora[ray]'")
-
 N_EXPERTS = 6
 REDUCED = replace(
     TINY,
