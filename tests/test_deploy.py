@@ -212,7 +212,7 @@ def docker_compose() -> list[str] | None:
     return None
 
 
-@pytest.mark.parametrize("profile", [None, "cpu"])
+@pytest.mark.parametrize("profile", [None, "cpu", "replicated"])
 def test_docker_compose_config_validates(profile, tmp_path):
     cmd = docker_compose()
     if cmd is None:
@@ -223,3 +223,62 @@ def test_docker_compose_config_validates(profile, tmp_path):
     env = {**os.environ, "SGLORA_STORE_PATH": str(store)}
     result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 0, result.stderr
+
+
+# ------------------------------------------------------------------------------------- replicas behind nginx
+
+NGINX_CONF = ROOT / "deploy" / "nginx" / "sglora.conf"
+
+
+def test_replicated_profile_runs_replicas_behind_the_proxy_with_health_checks(compose):
+    replica, proxy = compose["services"]["api-replica"], compose["services"]["proxy"]
+    assert replica["profiles"] == proxy["profiles"] == ["replicated"]
+    assert "ports" not in replica, "replicas are reached through the proxy only (N replicas can't share a port)"
+    assert re.fullmatch(r"\$\{SGLORA_API_REPLICAS:-[2-9]\}|[2-9]", str(replica["deploy"]["replicas"]))
+    env = _environment(replica)
+    assert env["SGLORA_REDIS_URL"] == "redis://redis:6379/0", "one shared Redis: the replicas are stateless"
+    mounts = [v for v in replica["volumes"] if isinstance(v, dict) and v.get("target") == STORE_IN_CONTAINER]
+    assert len(mounts) == 1 and mounts[0]["read_only"] is True
+    assert _gpu_devices(replica) == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+
+    assert re.fullmatch(r"nginx:\d+\.\d+\.\d+-alpine", proxy["image"]), proxy["image"]
+    assert any(str(p).endswith(":8080") for p in proxy["ports"])
+    assert proxy["depends_on"]["api-replica"]["condition"] == "service_healthy"
+    assert "/health/ready" in " ".join(proxy["healthcheck"]["test"])
+    conf = [v for v in proxy["volumes"] if isinstance(v, dict) and v["target"] == "/etc/nginx/conf.d/default.conf"]
+    assert len(conf) == 1 and (ROOT / conf[0]["source"]).resolve() == NGINX_CONF
+
+
+def test_nginx_conf_balances_over_the_replica_service(tmp_path):
+    text = NGINX_CONF.read_text()
+    assert re.search(r"upstream sglora_api \{[^}]*server api-replica:8000", text)
+    assert "proxy_pass http://sglora_api;" in text
+    assert "listen 8080;" in text
+    nginx = nginx_executable()
+    if nginx is None:
+        pytest.skip("no nginx binary here (apt-get install nginx-light); tests/test_replicas.py uses it when present")
+    config = nginx_main_config(tmp_path, ["127.0.0.1:9"])
+    result = subprocess.run([nginx, "-t", "-q", "-p", str(tmp_path), "-c", str(config)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+
+
+def nginx_main_config(workdir: Path, servers: list[str], listen: int | None = None) -> Path:
+    """The repo's sglora.conf inside a throwaway main config that a non-root nginx can run from `workdir`, with the
+    replica service's upstream line replaced by `servers` (nginx resolves upstream names at start)."""
+    conf = NGINX_CONF.read_text()
+    lines = "\n    ".join(f"server {s} max_fails=2 fail_timeout=10s;" for s in servers)
+    conf = re.sub(r"server api-replica:8000[^;]*;", lines, conf)
+    if listen is not None:
+        conf = conf.replace("listen 8080;", f"listen 127.0.0.1:{listen};")
+    (workdir / "sglora.conf").write_text(conf)
+    (workdir / "nginx.conf").write_text(
+        f"error_log {workdir}/error.log; pid {workdir}/nginx.pid; daemon off;\nevents {{}}\n"
+        f"http {{ access_log off; client_body_temp_path {workdir}; proxy_temp_path {workdir};\n"
+        f"       fastcgi_temp_path {workdir}; uwsgi_temp_path {workdir}; scgi_temp_path {workdir};\n"
+        f"       include {workdir}/sglora.conf; }}\n")
+    return workdir / "nginx.conf"
+
+
+def nginx_executable() -> str | None:
+    return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
