@@ -48,6 +48,8 @@ class GenerateResponse(BaseModel):
     adapter_id: str
     adapter_ids: list[str] = Field(description="every sample's id; adapter_ids[0] == adapter_id")
     download_url: str
+    downloads: dict[str, str] = Field(default_factory=dict,
+                                      description="download URL per format: safetensors, peft, open_clip-merged")
     cache: Literal["hit", "miss"]
     strategy: str
     trace: dict | None = Field(description="expert_ids, descriptions, similarities, weights, max_similarity")

@@ -158,42 +158,27 @@ def test_low_coverage_is_flagged(tiny_build):
 def test_readme_snippet_loads_the_file_into_open_clip_and_changes_its_outputs(served, tmp_path, task_pairs):
     """The README's "use the adapter in open_clip" snippet; keep the two in sync:
 
-        import json
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-        from app.ml.backbone import load_backbone
-        from app.ml.lora import LoRAConfig, inject_lora, state_dict_to_vector, vector_to_lora
+        from app.ml.adapter_loader import load_adapted_model
 
-        path = "adapter.safetensors"  # from POST /generate-lora or GET /adapters/{id}
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata()
         # pretrained: the store's base weights (the tiny demo: <store>/base_weights.safetensors; ViT-B-16: "openai")
-        backbone = load_backbone(meta["base_model"], pretrained="model_store/tiny/base_weights.safetensors")
-        config = LoRAConfig(rank=int(meta["rank"]), alpha=float(meta["alpha"]), scaling=meta["scaling"],
-                            towers=tuple(json.loads(meta["towers"])))
-        layout = inject_lora(backbone.model, config)
-        vector_to_lora(backbone.model, state_dict_to_vector(layout, load_file(path)))
-        # backbone.encode_images(...) / backbone.encode_text(...) now run with the adapter
+        backbone = load_adapted_model("adapter.safetensors", pretrained="model_store/tiny/base_weights.safetensors")
+        # backbone.encode_images([...]) / backbone.encode_text([...]) now run with the adapter
     """
-    from safetensors.torch import load_file
-
+    from app.ml.adapter_loader import load_adapted_model
     from app.ml.backbone import load_backbone
-    from app.ml.lora import LoRAConfig, inject_lora, state_dict_to_vector, vector_to_lora
 
     client, ctx = served
     description, pairs = task_pairs[0]
     path = tmp_path / "adapter.safetensors"
     path.write_bytes(generate(client, description=description).content)
-
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
-    backbone = load_backbone(meta["base_model"], pretrained=str(ctx.out / meta["base_pretrained"]), device="cpu")
-    config = LoRAConfig(rank=int(meta["rank"]), alpha=float(meta["alpha"]), scaling=meta["scaling"],
-                        towers=tuple(json.loads(meta["towers"])))
-    layout = inject_lora(backbone.model, config)
+    pretrained = str(ctx.out / meta["base_pretrained"])
+
+    backbone = load_adapted_model(str(path), pretrained=pretrained)
+    base = load_backbone(meta["base_model"], pretrained=pretrained, device="cpu")
     images, texts = [p.image for p in pairs[:4]], [p.caption for p in pairs[:4]]
-    before = backbone.encode_images(images), backbone.encode_text(texts)  # shared init, B = 0: the base model
-    vector_to_lora(backbone.model, state_dict_to_vector(layout, load_file(str(path))))
+    before = base.encode_images(images), base.encode_text(texts)
     after = backbone.encode_images(images), backbone.encode_text(texts)
     assert (before[0] - after[0]).abs().max() > 1e-3 and (before[1] - after[1]).abs().max() > 1e-3
 

@@ -414,3 +414,24 @@ def state_dict_to_vector(layout: LoRALayout, state: dict[str, torch.Tensor]) -> 
         if tuple(state[e.name].shape) != e.shape:
             raise LayoutMismatchError(f"{e.name}: expected shape {list(e.shape)}, got {list(state[e.name].shape)}")
     return torch.cat([state[e.name].reshape(-1).float() for e in layout.entries])
+
+
+def merged_state_dict(model: nn.Module, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The plain open_clip state dict (no LoRA wrappers, open_clip's own key names) with the flat [D] adapter
+    merged: in_proj_weight += s·B·A per block. The shared model is not modified (new tensors for merged blocks).
+    `open_clip.create_model(name, pretrained=<this saved as .safetensors>)` loads it as a single-file model."""
+    layout = model_layout(model)
+    if any(m.merged for m in lora_modules(model)):
+        raise RuntimeError("the model already has an adapter merged; unmerge_lora first")
+    factors = vectors_to_factors(layout, vector.detach().float().reshape(1, -1).to("cpu"))
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.endswith((".lora_A", ".lora_B")):
+            continue
+        state[key.replace(".attn.base.", ".attn.")] = value.detach().cpu()
+    for m in lora_modules(model):
+        A, B = factors[m.path]  # [1, 3, r, d], [1, 3, d, r]
+        delta = (m.scale * torch.einsum("pdr,pre->pde", B[0], A[0])).reshape(-1, m.base.embed_dim)
+        key = f"{m.path}.in_proj_weight"
+        state[key] = (state[key].float() + delta).to(state[key].dtype)
+    return state

@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import AdaptersDep, EngineDep, SettingsDep
 from app.schemas import Coverage, GenerateRequest, GenerateResponse
+from app.services.engine import Engine
+from app.services.export import ExportFormat, download_urls, export_adapter
 from app.services.generator import AdapterFile, resolve_params
 
 router = APIRouter(tags=["adapters"])
 
-_FILE_RESPONSE = {200: {"content": {"application/octet-stream": {}, "application/json": {}},
-                        "description": "the adapter as safetensors (default) or, with Accept: application/json, "
-                                       "its id, trace and coverage"}}
+_FILE_RESPONSE = {200: {"content": {"application/octet-stream": {}, "application/zip": {}, "application/json": {}},
+                        "description": "the adapter as safetensors (default; format=peft: a zip of a PEFT folder; "
+                                       "format=open_clip-merged: base weights with the adapter merged) or, with "
+                                       "Accept: application/json, its id, trace, coverage and download URLs"}}
+FormatQuery = Annotated[ExportFormat, Query(
+    description="safetensors: the adapter (open_clip names); peft: zip of a PEFT adapter folder for Hugging Face "
+                "CLIPModel; open_clip-merged: the store's base weights with the adapter merged (safetensors). "
+                "With Accept: application/json the response lists a URL per format instead")]
 
 
 def wants_json(request: Request) -> bool:
@@ -46,33 +56,37 @@ def adapter_headers(adapter: AdapterFile, coverage: Coverage, cache: str | None 
     return headers
 
 
-def adapter_response(request: Request, adapter: AdapterFile, threshold: float, cache: str | None):
+async def adapter_response(request: Request, engine: Engine, adapter: AdapterFile, threshold: float,
+                           cache: str | None, fmt: str = "safetensors"):
     coverage = coverage_of(adapter, threshold)
     headers = adapter_headers(adapter, coverage, cache)
     if wants_json(request):
-        body = GenerateResponse(adapter_id=adapter.adapter_id, adapter_ids=adapter.adapter_ids,
-                                download_url=str(request.url_for("download_adapter", adapter_id=adapter.adapter_id)),
-                                cache=cache or "hit", strategy=adapter.metadata["strategy"], trace=adapter.trace,
-                                coverage=coverage, metadata=adapter.metadata)
+        url = str(request.url_for("download_adapter", adapter_id=adapter.adapter_id))
+        body = GenerateResponse(adapter_id=adapter.adapter_id, adapter_ids=adapter.adapter_ids, download_url=url,
+                                downloads=download_urls(url), cache=cache or "hit",
+                                strategy=adapter.metadata["strategy"], trace=adapter.trace, coverage=coverage,
+                                metadata=adapter.metadata)
         del headers["Content-Disposition"]
         return Response(body.model_dump_json(), media_type="application/json", headers=headers)
-    return Response(adapter.data, media_type="application/octet-stream", headers=headers)
+    export = await run_in_threadpool(export_adapter, engine, adapter, fmt)
+    headers["Content-Disposition"] = f'attachment; filename="{export.filename}"'
+    return Response(export.data, media_type=export.media_type, headers=headers)
 
 
 @router.post("/generate-lora", response_class=Response, responses=_FILE_RESPONSE)
 async def generate_lora(body: GenerateRequest, request: Request, engine: EngineDep, adapters: AdaptersDep,
-                        settings: SettingsDep) -> Response:
+                        settings: SettingsDep, format: FormatQuery = "safetensors") -> Response:
     """A task description in, a LoRA adapter out (safetensors; PEFT-style keys; provenance in its metadata)."""
     params = resolve_params(description=body.description, strategy=body.strategy or settings.default_strategy,
                             k=body.k, tau=body.tau, seed=body.seed, num_samples=body.num_samples,
                             settings=settings, library_size=engine.library_size)
     adapter, status = await adapters.generate(params)
-    return adapter_response(request, adapter, settings.coverage_warning_below, status)
+    return await adapter_response(request, engine, adapter, settings.coverage_warning_below, status, format)
 
 
 @router.get("/adapters/{adapter_id}", name="download_adapter", response_class=Response, responses=_FILE_RESPONSE)
-async def download_adapter(adapter_id: str, request: Request, adapters: AdaptersDep,
-                           settings: SettingsDep) -> Response:
+async def download_adapter(adapter_id: str, request: Request, engine: EngineDep, adapters: AdaptersDep,
+                           settings: SettingsDep, format: FormatQuery = "safetensors") -> Response:
     """A previously generated adapter, while it is stored (TTL); 404 once unknown or expired."""
     adapter = await adapters.fetch(adapter_id)
-    return adapter_response(request, adapter, settings.coverage_warning_below, None)
+    return await adapter_response(request, engine, adapter, settings.coverage_warning_below, None, format)
