@@ -11,13 +11,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import require_api_key
+from app.api.examples import add_openapi_examples
 from app.api.routes import experts, generate, health, retrieve
 from app.core.config import Settings
 from app.core.errors import install_error_handlers
@@ -28,6 +31,7 @@ from app.services.cache import make_cache
 from app.services.engine import Engine
 
 logger = logging.getLogger(__name__)
+PLAYGROUND_DIR = Path(__file__).parent / "static" / "playground"
 EXPOSED_HEADERS = ["X-Adapter-Id", "X-Sample-Adapter-Ids", "X-Cache", "X-Coverage", "X-Coverage-Warning",
                    "Content-Disposition"]
 
@@ -89,6 +93,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(generate.router, dependencies=protected)
     app.include_router(retrieve.router, dependencies=protected)
     app.include_router(experts.router, dependencies=protected)
+    generated_openapi = app.openapi
+
+    def openapi_with_examples() -> dict:
+        return add_openapi_examples(generated_openapi())  # FastAPI caches the schema; filling it is idempotent
+
+    app.openapi = openapi_with_examples
+    if settings.playground:  # static page; the API calls it makes carry the key the user types in
+        app.mount("/playground", StaticFiles(directory=PLAYGROUND_DIR, html=True), name="playground")
     return app
 
 

@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     max_description_chars: int = Field(500, ge=1)
     max_num_samples: int = Field(8, ge=1)
 
+    # --- playground --------------------------------------------------------------------------------------
+    playground: bool = Field(True, description="serve the playground page (static files) at /playground/")
+
     # --- access ------------------------------------------------------------------------------------------
     api_key: SecretStr | None = Field(None, description="when set, every non-health route needs header X-API-Key")
     cors_origins: Annotated[list[str], NoDecode] = Field(

@@ -1,0 +1,235 @@
+// sglora playground: plain browser JavaScript against the public API (no build step, no framework).
+// It reads the routing `trace` of the JSON /generate-lora response generically: every per-expert list becomes a
+// table column and every numeric one a bar series, so fields the server adds later appear without a change here.
+"use strict";
+
+const API = new URL("../", window.location.href); // the API root, also behind a path prefix
+const $ = (id) => document.getElementById(id);
+const state = { adapterId: null, description: null, files: [], urls: [] };
+
+function headers(extra = {}) {
+  const key = $("api-key").value.trim();
+  return key ? { ...extra, "X-API-Key": key } : extra;
+}
+
+async function call(path, options) {
+  const response = await fetch(new URL(path, API), options);
+  const type = response.headers.get("content-type") || "";
+  const body = type.includes("application/json") ? await response.json() : await response.text();
+  if (!response.ok) {
+    const err = body && body.error ? body.error : null;
+    const message = err ? `${err.message}${err.field ? ` (field: ${err.field})` : ""}`
+                        : (body && body.detail ? JSON.stringify(body.detail) : String(body).slice(0, 300));
+    throw new Error(`HTTP ${response.status}: ${message}`);
+  }
+  return body;
+}
+
+function showError(error) {
+  $("error").hidden = !error;
+  $("error").textContent = error ? String(error.message || error) : "";
+}
+
+function status(text) { $("status").textContent = text || ""; }
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+  for (const c of children) node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  return node;
+}
+
+const fmt = (v) => (typeof v === "number" ? (Number.isInteger(v) ? String(v) : v.toFixed(4)) : String(v));
+
+// ------------------------------------------------------------------------------------------------ generate
+
+function traceColumns(trace) {
+  const n = Array.isArray(trace.expert_ids) ? trace.expert_ids.length : 0;
+  const columns = Object.keys(trace).filter((k) => Array.isArray(trace[k]) && trace[k].length === n && n > 0);
+  const scalars = Object.keys(trace).filter((k) => !columns.includes(k));
+  return { n, columns, scalars };
+}
+
+function renderExperts(trace) {
+  const { n, columns, scalars } = traceColumns(trace);
+  const table = el("table", { id: "experts-table" });
+  table.append(el("thead", {}, el("tr", {}, ...columns.map((c) => el("th", {}, c.replace(/_/g, " "))))));
+  const body = el("tbody");
+  for (let i = 0; i < n; i++) {
+    body.append(el("tr", { class: "expert" }, ...columns.map((c) =>
+      el("td", typeof trace[c][i] === "number" ? { class: "num" } : {}, fmt(trace[c][i])))));
+  }
+  table.append(body);
+  const box = $("experts");
+  box.replaceChildren(el("h3", {}, `Experts chosen (${n})`), table,
+    ...scalars.map((k) => el("div", { class: "scalar" }, `${k.replace(/_/g, " ")}: ${fmt(trace[k])}`)));
+  box.hidden = false;
+  renderChart(trace, columns.filter((c) => trace[c].every((v) => typeof v === "number")));
+}
+
+function renderChart(trace, series) {
+  // One horizontal bar group per expert, one bar per numeric series, scaled to that series' max |value|.
+  const labels = (trace.descriptions || trace.expert_ids).map(String);
+  const barH = 10, gap = 4, labelW = 230, plotW = 360;
+  const groupH = series.length * (barH + 2) + gap * 2;
+  const colors = ["#2452a8", "#2f9e6e", "#d9822b", "#8a3fb5", "#b3261e"];
+  const ns = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(ns, "svg");
+  const height = labels.length * groupH + 24;
+  svg.setAttribute("width", labelW + plotW + 80);
+  svg.setAttribute("height", height);
+  svg.setAttribute("role", "img");
+  const add = (tag, attrs, text) => {
+    const node = document.createElementNS(ns, tag);
+    for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+    if (text !== undefined) node.textContent = text;
+    svg.append(node);
+  };
+  series.forEach((s, j) => {
+    add("rect", { x: labelW + j * 130, y: 2, width: 10, height: 10, fill: colors[j % colors.length] });
+    add("text", { x: labelW + j * 130 + 14, y: 11 }, s.replace(/_/g, " "));
+  });
+  labels.forEach((label, i) => {
+    const y0 = 20 + i * groupH + gap;
+    add("text", { x: 0, y: y0 + groupH / 2 }, label.length > 34 ? label.slice(0, 33) + "…" : label);
+    series.forEach((s, j) => {
+      const max = Math.max(...trace[s].map((v) => Math.abs(v)), 1e-12);
+      const w = Math.max(1, (Math.abs(trace[s][i]) / max) * plotW);
+      const y = y0 + j * (barH + 2);
+      add("rect", { x: labelW, y, width: w, height: barH, fill: colors[j % colors.length], class: `bar ${s}` });
+      add("text", { x: labelW + w + 4, y: y + barH - 1 }, fmt(trace[s][i]));
+    });
+  });
+  $("chart").replaceChildren(el("h3", {}, "Routing"), svg);
+  $("chart").hidden = false;
+}
+
+function renderCoverage(coverage) {
+  const box = $("coverage");
+  if (!coverage || coverage.max_similarity === null || coverage.max_similarity === undefined) {
+    box.hidden = true;
+    return;
+  }
+  const sim = coverage.max_similarity, threshold = coverage.threshold;
+  const pct = (v) => `${Math.max(0, Math.min(1, v)) * 100}%`;
+  const fill = el("div", { class: `fill${sim < threshold ? " low" : ""}`, style: `width:${pct(sim)}` });
+  const mark = el("div", { class: "mark", style: `left:${pct(threshold)}`, title: `threshold ${threshold}` });
+  box.replaceChildren(el("strong", {}, "Coverage "), el("span", { class: "gauge" }, fill, mark),
+    ` best cosine to an expert ${fmt(sim)} (threshold ${fmt(threshold)})`);
+  if (coverage.warning) box.append(el("div", { class: "warning" }, coverage.warning));
+  box.hidden = false;
+}
+
+async function generate(event) {
+  event.preventDefault();
+  showError(null);
+  const description = $("description").value.trim();
+  const body = { description, seed: Number($("seed").value || 0) };
+  if ($("strategy").value) body.strategy = $("strategy").value;
+  if ($("k").value) body.k = Number($("k").value);
+  $("generate").disabled = true;
+  status("generating…");
+  try {
+    const result = await call("generate-lora", {
+      method: "POST", body: JSON.stringify(body),
+      headers: headers({ "Content-Type": "application/json", Accept: "application/json" }),
+    });
+    state.adapterId = result.adapter_id;
+    state.description = description;
+    renderCoverage(result.coverage);
+    if (result.trace) renderExperts(result.trace);
+    else { $("experts").replaceChildren(el("p", {}, "zero_shot: no experts, no adapter")); $("experts").hidden = false; }
+    const links = Object.entries(result.downloads || { safetensors: result.download_url });
+    $("downloads").replaceChildren("Download: ", ...links.flatMap(([name, url], i) =>
+      [i ? " · " : "", el("a", { href: url, download: "", id: `download-${name}` }, name)]));
+    $("downloads").hidden = false;
+    status(`adapter ${result.adapter_id.slice(0, 12)}… (${result.strategy}, cache ${result.cache})`);
+  } catch (e) {
+    showError(e);
+    status("");
+  } finally {
+    $("generate").disabled = false;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ retrieve
+
+function setFiles(files) {
+  state.urls.forEach((u) => URL.revokeObjectURL(u));
+  state.files = Array.from(files).filter((f) => f.type.startsWith("image/"));
+  state.urls = state.files.map((f) => URL.createObjectURL(f));
+  $("thumbs").replaceChildren(...state.files.map((f, i) =>
+    el("figure", {}, el("img", { src: state.urls[i], alt: f.name }), el("figcaption", {}, `#${i} ${f.name}`))));
+}
+
+async function retrieveOnce(texts, withAdapter) {
+  const form = new FormData();
+  state.files.forEach((f) => form.append("images", f, f.name));
+  texts.forEach((t) => form.append("texts", t));
+  if (withAdapter) {
+    if (state.adapterId) form.append("adapter_id", state.adapterId);
+    else form.append("description", $("description").value.trim());
+  }
+  return call("retrieve", { method: "POST", body: form, headers: headers() });
+}
+
+function renderRanking(result, texts) {
+  const thumb = (i) => el("span", { class: "rank" }, el("img", { src: state.urls[i], alt: `image ${i}` }), ` #${i}`);
+  const perImage = el("table", { class: "image-to-text" }, el("tr", {}, el("th", {}, "image"),
+    el("th", {}, "texts, best first")));
+  for (const row of result.images) {
+    const list = el("ol", {}, ...row.texts.map((t) => el("li", {}, `${texts[t.index]} `,
+      el("span", { class: "score" }, `(${fmt(t.score)})`))));
+    perImage.append(el("tr", { class: "ranked" }, el("td", {}, thumb(row.index)), el("td", {}, list)));
+  }
+  const perText = el("table", { class: "text-to-image" }, el("tr", {}, el("th", {}, "text"),
+    el("th", {}, "images, best first")));
+  for (const row of result.texts) {
+    perText.append(el("tr", { class: "ranked" }, el("td", {}, texts[row.index]),
+      el("td", {}, ...row.images.map((r) => el("span", {}, thumb(r.index), ` ${fmt(r.score)}  `)))));
+  }
+  const used = result.adapter || {};
+  const note = el("p", { class: "adapter-used" }, used.source === "zero_shot" ? "no adapter"
+    : `adapter ${String(used.adapter_id || "").slice(0, 12)}… (${used.source})`);
+  return [note, perImage, perText];
+}
+
+async function rank() {
+  showError(null);
+  const texts = $("texts").value.split("\n").map((t) => t.trim()).filter(Boolean);
+  if (!state.files.length || !texts.length) {
+    showError("add at least one image and one text");
+    return;
+  }
+  if (!state.adapterId && !$("description").value.trim()) {
+    showError("type a task description (or generate an adapter) first");
+    return;
+  }
+  $("rank").disabled = true;
+  status("ranking…");
+  try {
+    const [base, adapted] = await Promise.all([retrieveOnce(texts, false), retrieveOnce(texts, true)]);
+    $("rankings-base").replaceChildren(...renderRanking(base, texts));
+    $("rankings-adapted").replaceChildren(...renderRanking(adapted, texts));
+    $("rankings").hidden = false;
+    status(`ranked ${state.files.length} images and ${texts.length} texts`);
+  } catch (e) {
+    showError(e);
+    status("");
+  } finally {
+    $("rank").disabled = false;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ wiring
+
+$("api-key").value = window.localStorage.getItem("sglora-api-key") || "";
+$("api-key").addEventListener("change", () => window.localStorage.setItem("sglora-api-key", $("api-key").value));
+$("generate-form").addEventListener("submit", generate);
+$("description").addEventListener("input", () => { state.adapterId = null; });
+$("images").addEventListener("change", (e) => setFiles(e.target.files));
+$("rank").addEventListener("click", rank);
+const drop = $("drop");
+drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); setFiles(e.dataTransfer.files); });

@@ -1,0 +1,87 @@
+"""The playground page: served as static files (off by a setting), and driven in Debian's headless Chromium through
+Playwright against a running server: description -> experts and chart; two images + two texts -> rankings with and
+without the adapter side by side; a screenshot saved to reports/playground.png."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.live_server import ROOT, live_server
+from tests.test_service_support import serving, settings_for
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+SCREENSHOT = ROOT / "reports" / "playground.png"
+
+
+def test_playground_is_static_and_can_be_turned_off(tiny_build):
+    with serving(settings_for(tiny_build.out, redis_url=None)) as client:
+        page = client.get("/playground/")
+        assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+        assert 'src="playground.js"' in page.text
+        assert client.get("/playground/playground.js").status_code == 200
+    with serving(settings_for(tiny_build.out, redis_url=None, playground=False)) as client:
+        assert client.get("/playground/").status_code == 404
+
+
+def browser_or_skip():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("the python package 'playwright' is missing (pip install -e '.[dev]')")
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"Debian's chromium is missing at {CHROMIUM} (apt-get install -y chromium; .ci/run installs it)")
+    return sync_playwright
+
+
+def test_playground_in_headless_chromium(tiny_build, tmp_path):
+    sync_playwright = browser_or_skip()
+    ctx = tiny_build
+    task = ctx.split.unseen[0]
+    pairs = ctx.split.test_pairs[task.name][:2]
+    images = []
+    for i, p in enumerate(pairs):
+        images.append(tmp_path / f"image{i}.png")
+        p.image.resize((96, 96)).save(images[-1])
+
+    with live_server(ctx.out) as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 1000})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url + "/playground/")
+            page.fill("#description", task.description)
+            page.click("#generate")
+            page.wait_for_selector("#experts-table tr.expert", timeout=60_000)
+            rows = page.locator("#experts-table tr.expert")
+            assert rows.count() == 4  # the server's default K
+            headers = page.locator("#experts-table th").all_inner_texts()
+            assert {"expert ids", "similarities", "weights"} <= set(headers)
+            assert page.locator("#chart svg rect.bar").count() >= 8  # similarities and weights per expert
+            assert "best cosine" in page.inner_text("#coverage")
+            peft_link = page.get_attribute("#download-peft", "href")
+            assert peft_link.endswith("?format=peft")
+            download = page.request.get(peft_link)
+            assert download.status == 200 and download.headers["content-type"] == "application/zip"
+
+            page.set_input_files("#images", [str(p) for p in images])
+            page.fill("#texts", "\n".join(p.caption for p in pairs))
+            page.click("#rank")
+            page.wait_for_selector("#rankings-adapted tr.ranked", timeout=60_000)
+            for side in ("#rankings-base", "#rankings-adapted"):
+                assert page.locator(f"{side} table.image-to-text tr.ranked").count() == 2
+                assert page.locator(f"{side} table.text-to-image tr.ranked").count() == 2
+            assert "no adapter" in page.inner_text("#rankings-base")
+            assert "adapter_id" in page.inner_text("#rankings-adapted")
+            assert page.inner_text("#error") == "" and not errors
+
+            SCREENSHOT.parent.mkdir(exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+            assert SCREENSHOT.stat().st_size > 10_000
+        finally:
+            browser.close()
