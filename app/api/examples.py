@@ -1,0 +1,127 @@
+"""OpenAPI examples for every route, in one place: the shapes the README's curl and the playground send.
+
+`add_openapi_examples(schema)` fills them into FastAPI's generated schema (request bodies, path parameters and
+responses), so the route modules stay thin; tests/test_openapi_examples.py posts every request example to the app
+and validates every response example against its response model, so an example cannot drift from the API.
+"""
+
+from __future__ import annotations
+
+# 8x8 PNGs (green, red), base64: small enough to read, real enough to decode.
+GREEN_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAFElEQVR4nGOUW2DDgA0wYRUdtBIAyEYBCqhSTKsAAAAASUVORK5CYII="
+RED_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAFElEQVR4nGM8oaHBgA0wYRUdtBIA4DgBKJ8lCQoAAAAASUVORK5CYII="
+ADAPTER_ID = "5f1c0e7b9a3d4c2e8f6a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c1d0e"
+
+TRACE = {
+    "expert_ids": ["expert-013", "expert-021", "expert-007", "expert-030"],
+    "descriptions": ["a photo of a green square", "a photo of a blue star", "a photo of a yellow star",
+                     "a photo of a green circle"],
+    "similarities": [0.9412, 0.9301, 0.9255, 0.9107],
+    "weights": [0.3251, 0.2612, 0.2383, 0.1754],
+    "max_similarity": 0.9412,
+}
+
+GENERATE_REQUEST = {
+    "minimal": {"summary": "just a description (server defaults)", "value": {"description": "a photo of a green star"}},
+    "explicit": {"summary": "strategy, K, temperature, seed", "value": {
+        "description": "a photo of a green star", "strategy": "sglora", "k": 4, "tau": 0.05, "seed": 0}},
+}
+
+GENERATE_RESPONSE = {
+    "adapter_id": ADAPTER_ID,
+    "adapter_ids": [ADAPTER_ID],
+    "download_url": f"http://127.0.0.1:8000/adapters/{ADAPTER_ID}",
+    "downloads": {"safetensors": f"http://127.0.0.1:8000/adapters/{ADAPTER_ID}",
+                  "peft": f"http://127.0.0.1:8000/adapters/{ADAPTER_ID}?format=peft",
+                  "open_clip-merged": f"http://127.0.0.1:8000/adapters/{ADAPTER_ID}?format=open_clip-merged"},
+    "cache": "miss",
+    "strategy": "sglora",
+    "trace": TRACE,
+    "coverage": {"max_similarity": 0.9412, "threshold": 0.5, "warning": None},
+    "metadata": {"format": "sglora-adapter/1", "base_model": "tiny_clip", "strategy": "sglora",
+                 "description": "a photo of a green star", "seed": "0", "k": "4", "tau": "0.05", "rank": "2",
+                 "alpha": "4.0", "scaling": "standard", "scale": "2.0", "towers": '["vision", "text"]'},
+}
+
+RETRIEVE_JSON = {
+    "with a description": {"summary": "adapter generated from a description (through the cache)", "value": {
+        "images": [GREEN_PNG, RED_PNG], "texts": ["a small green star at the top left", "a large red circle"],
+        "description": "a photo of a green star", "top_k": 2}},
+    "zero-shot": {"summary": "no adapter: base CLIP", "value": {
+        "images": [GREEN_PNG, RED_PNG], "texts": ["a green square", "a red square"]}},
+}
+RETRIEVE_MULTIPART = {
+    "files": {"summary": "curl -F images=@a.png -F images=@b.png -F texts=... -F description=...", "value": {
+        "images": ["<a.png>", "<b.png>"], "texts": ["a small green star at the top left", "a large red circle"],
+        "description": "a photo of a green star"}},
+}
+
+RETRIEVE_RESPONSE = {
+    "adapter": {"source": "description", "adapter_id": ADAPTER_ID, "cache": "hit", "strategy": "sglora",
+                "max_similarity": 0.9412},
+    "images": [{"index": 0, "texts": [{"index": 0, "score": 0.8123}, {"index": 1, "score": 0.4021}]},
+               {"index": 1, "texts": [{"index": 1, "score": 0.7710}, {"index": 0, "score": 0.3905}]}],
+    "texts": [{"index": 0, "images": [{"index": 0, "score": 0.8123}, {"index": 1, "score": 0.3905}]},
+              {"index": 1, "images": [{"index": 1, "score": 0.7710}, {"index": 0, "score": 0.4021}]}],
+}
+
+EXPERTS_RESPONSE = {
+    "store_version": "3f2a9c1b7d5e",
+    "count": 2,
+    "experts": [
+        {"id": "expert-000", "description": "a photo of a red circle",
+         "provenance": {"dataset": "synthetic", "task": "red circle", "steps": 120}},
+        {"id": "expert-001", "description": "a photo of a red square",
+         "provenance": {"dataset": "synthetic", "task": "red square", "steps": 120}},
+    ],
+    "cvae": {"best_step": 0, "steps": 400},
+}
+
+HEALTH_READY = {"status": "ready", "store_version": "3f2a9c1b7d5e", "cache_backend": "redis",
+                "cache_degraded": False, "detail": None}
+HEALTH_LOADING = {"status": "loading", "store_version": None, "cache_backend": "redis", "cache_degraded": False,
+                  "detail": None}
+HEALTH_LIVE = {"status": "alive", "store_version": None, "cache_backend": None, "cache_degraded": None,
+               "detail": None}
+
+# (path, method) -> where each example goes. "request": {media type: named examples}; "params": {name: value};
+# "responses": {status: {media type: example}}.
+EXAMPLES: dict[tuple[str, str], dict] = {
+    ("/generate-lora", "post"): {
+        "request": {"application/json": GENERATE_REQUEST},
+        "params": {"format": "peft"},
+        "responses": {"200": {"application/json": GENERATE_RESPONSE}},
+    },
+    ("/adapters/{adapter_id}", "get"): {
+        "params": {"adapter_id": ADAPTER_ID, "format": "peft"},
+        "responses": {"200": {"application/json": GENERATE_RESPONSE | {"cache": "hit"}}},
+    },
+    ("/retrieve", "post"): {
+        "request": {"application/json": RETRIEVE_JSON, "multipart/form-data": RETRIEVE_MULTIPART},
+        "responses": {"200": {"application/json": RETRIEVE_RESPONSE}},
+    },
+    ("/experts", "get"): {"responses": {"200": {"application/json": EXPERTS_RESPONSE}}},
+    ("/health/live", "get"): {"responses": {"200": {"application/json": HEALTH_LIVE}}},
+    ("/health/ready", "get"): {"responses": {"200": {"application/json": HEALTH_READY},
+                                             "503": {"application/json": HEALTH_LOADING}}},
+}
+
+
+def add_openapi_examples(schema: dict) -> dict:
+    """Fill EXAMPLES into a generated OpenAPI schema (in place; idempotent). Unknown routes are left alone;
+    an example for a route, parameter or status the schema lacks raises, so the two cannot silently diverge."""
+    paths = schema.get("paths", {})
+    for (path, method), spec in EXAMPLES.items():
+        operation = paths.get(path, {}).get(method)
+        if operation is None:
+            raise KeyError(f"OpenAPI example for {method.upper()} {path}, which the app does not serve")
+        for media, named in spec.get("request", {}).items():
+            operation["requestBody"]["content"][media]["examples"] = named
+        params = {p["name"]: p for p in operation.get("parameters", [])}
+        for name, value in spec.get("params", {}).items():
+            params[name]["example"] = value
+        for status, media_examples in spec.get("responses", {}).items():
+            content = operation["responses"][status].setdefault("content", {})
+            for media, example in media_examples.items():
+                content.setdefault(media, {})["example"] = example
+    return schema
