@@ -96,6 +96,8 @@ def test_peft_export_loads_in_peft_on_the_converted_clip_model(served, inputs, t
         plain_image, plain_text = plain.model.encode_image(pixels), plain.model.encode_text(tokens)
     ours_image, ours_text = sglora_forward(engine, data, pixels, tokens)
     assert (ours_image - plain_image).abs().max() > 1e-3 and (ours_text - plain_text).abs().max() > 1e-3
+    print(f"PEFT vs sglora max |diff|: image {(peft_image - ours_image).abs().max():.2e}, "
+          f"text {(peft_text - ours_text).abs().max():.2e}")
     assert (peft_image - ours_image).abs().max() < 1e-4
     assert (peft_text - ours_text).abs().max() < 1e-4
 
@@ -118,6 +120,8 @@ def test_merged_open_clip_export_equals_the_per_sample_forward(served, inputs, t
     with torch.no_grad():
         image, text = merged.model.encode_image(pixels), merged.model.encode_text(tokens)
     ours_image, ours_text = sglora_forward(engine, data, pixels, tokens)
+    print(f"merged vs per-sample max |diff|: image {(image - ours_image).abs().max():.2e}, "
+          f"text {(text - ours_text).abs().max():.2e}")
     assert (image - ours_image).abs().max() < 1e-5
     assert (text - ours_text).abs().max() < 1e-5
 
