@@ -19,7 +19,7 @@ install: $(BIN)/.installed
 # Tests need a real Redis on 127.0.0.1:6379; start one (in-memory, nothing on disk) if none answers.
 test: install
 	./scripts/ensure-redis.sh
-	$(BIN)/ruff check app offline tests bench
+	$(BIN)/ruff check app offline tests bench client
 	$(BIN)/python -m pytest
 
 demo-store: install
@@ -29,7 +29,7 @@ serve: demo-store
 	SGLORA_STORE_PATH=$(STORE) $(BIN)/uvicorn app.main:app --host $(HOST) --port $(PORT)
 
 lint: install
-	$(BIN)/ruff check app offline tests bench
+	$(BIN)/ruff check app offline tests bench client
 
 bench: install
 	$(BIN)/python -m bench

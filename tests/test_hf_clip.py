@@ -185,3 +185,24 @@ def test_peft_loads_the_export_and_matches_sglora_injection(tiny_pair, tmp_path)
           float((peft_txt - ours_txt).abs().max()), "adapter effect", float((ours_img - plain_img).abs().max()))
     assert (peft_img - ours_img).abs().max() < 1e-4
     assert (peft_txt - ours_txt).abs().max() < 1e-4
+
+
+def test_vit_b16_converts_to_the_shapes_of_openai_clip_vit_base_patch16():
+    """The production base: every converted key and shape is what CLIPModel(config) holds, and the config is that of
+    openai/clip-vit-base-patch16 (values from its published config.json). On the meta device: no weights."""
+    pytest.importorskip("transformers")
+    from transformers import CLIPConfig, CLIPModel
+
+    from app.ml.hf_clip import uses_quick_gelu
+
+    with torch.device("meta"):
+        model = open_clip.create_model("ViT-B-16", quick_gelu=True, device="meta")  # as pretrained="openai" does
+        config = CLIPConfig(**hf_clip_config(open_clip.get_model_config("ViT-B-16"), uses_quick_gelu(model)))
+        hf = CLIPModel(config)
+    ours = {k: tuple(v.shape) for k, v in open_clip_to_hf_state_dict(model.state_dict()).items()}
+    assert ours == {k: tuple(v.shape) for k, v in hf.state_dict().items()}
+    v, t = config.vision_config, config.text_config
+    assert (v.hidden_size, v.intermediate_size, v.num_hidden_layers, v.num_attention_heads, v.patch_size,
+            v.image_size, v.hidden_act) == (768, 3072, 12, 12, 16, 224, "quick_gelu")
+    assert (t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.num_attention_heads,
+            t.max_position_embeddings, t.hidden_act, config.projection_dim) == (512, 2048, 12, 8, 77, "quick_gelu", 512)

@@ -13,12 +13,12 @@ RED_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAFElEQVR4nGM8oaHBgA0wY
 ADAPTER_ID = "5f1c0e7b9a3d4c2e8f6a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c1d0e"
 
 TRACE = {
-    "expert_ids": ["expert-013", "expert-021", "expert-007", "expert-030"],
-    "descriptions": ["a photo of a green square", "a photo of a blue star", "a photo of a yellow star",
-                     "a photo of a green circle"],
-    "similarities": [0.9412, 0.9301, 0.9255, 0.9107],
-    "weights": [0.3251, 0.2612, 0.2383, 0.1754],
-    "max_similarity": 0.9412,
+    "expert_ids": ["green-ring", "green-triangle", "green-cross", "yellow-star"],
+    "descriptions": ["a photo of a green ring", "a photo of a green triangle", "a photo of a green cross",
+                     "a photo of a yellow star"],
+    "similarities": [0.9712, 0.9687, 0.9194, 0.8974],
+    "weights": [0.3948, 0.3750, 0.1399, 0.0902],
+    "max_similarity": 0.9712,
 }
 
 GENERATE_REQUEST = {
@@ -37,7 +37,7 @@ GENERATE_RESPONSE = {
     "cache": "miss",
     "strategy": "sglora",
     "trace": TRACE,
-    "coverage": {"max_similarity": 0.9412, "threshold": 0.5, "warning": None},
+    "coverage": {"max_similarity": 0.9712, "threshold": 0.5, "warning": None},
     "metadata": {"format": "sglora-adapter/1", "base_model": "tiny_clip", "strategy": "sglora",
                  "description": "a photo of a green star", "seed": "0", "k": "4", "tau": "0.05", "rank": "2",
                  "alpha": "4.0", "scaling": "standard", "scale": "2.0", "towers": '["vision", "text"]'},
@@ -58,26 +58,27 @@ RETRIEVE_MULTIPART = {
 
 RETRIEVE_RESPONSE = {
     "adapter": {"source": "description", "adapter_id": ADAPTER_ID, "cache": "hit", "strategy": "sglora",
-                "max_similarity": 0.9412},
+                "max_similarity": 0.9712},
     "images": [{"index": 0, "texts": [{"index": 0, "score": 0.8123}, {"index": 1, "score": 0.4021}]},
                {"index": 1, "texts": [{"index": 1, "score": 0.7710}, {"index": 0, "score": 0.3905}]}],
     "texts": [{"index": 0, "images": [{"index": 0, "score": 0.8123}, {"index": 1, "score": 0.3905}]},
               {"index": 1, "images": [{"index": 1, "score": 0.7710}, {"index": 0, "score": 0.4021}]}],
 }
 
+_PROVENANCE = {"n_pairs": 80, "final_loss": 1.0618, "layout_hash": "e220c675e7a0268c", "steps": 100, "lr": 0.01,
+               "batch_size": 32, "keep_last": 20, "seed": 0}
 EXPERTS_RESPONSE = {
-    "store_version": "3f2a9c1b7d5e",
+    "store_version": "31b768cb6399",
     "count": 2,
     "experts": [
-        {"id": "expert-000", "description": "a photo of a red circle",
-         "provenance": {"dataset": "synthetic", "task": "red circle", "steps": 120}},
-        {"id": "expert-001", "description": "a photo of a red square",
-         "provenance": {"dataset": "synthetic", "task": "red square", "steps": 120}},
+        {"id": "red-square", "description": "a photo of a red square", "provenance": _PROVENANCE},
+        {"id": "red-circle", "description": "a photo of a red circle", "provenance": _PROVENANCE},
     ],
-    "cvae": {"best_step": 0, "steps": 400},
+    "cvae": {"parameters": 637504, "steps": 400, "best_step": 0, "val_error": 0.9849, "val_error_of_mu_star": 0.9849,
+             "k": 4, "tau": 0.05, "seed": 0},
 }
 
-HEALTH_READY = {"status": "ready", "store_version": "3f2a9c1b7d5e", "cache_backend": "redis",
+HEALTH_READY = {"status": "ready", "store_version": "31b768cb6399", "cache_backend": "redis",
                 "cache_degraded": False, "detail": None}
 HEALTH_LOADING = {"status": "loading", "store_version": None, "cache_backend": "redis", "cache_degraded": False,
                   "detail": None}

@@ -180,7 +180,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SGLoRAError as e:
         print(f"sglora: error: {e}", file=sys.stderr)
         return 1
-    except (OSError, ValueError, httpx.HTTPError) as e:  # unreadable image, unwritable output, no server
+    except httpx.TransportError as e:
+        print(f"sglora: error: cannot reach {args.server}: {e}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError, httpx.HTTPError) as e:  # unreadable image, unwritable output
         print(f"sglora: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -1,0 +1,3 @@
+from sglora_client.cli import main
+
+raise SystemExit(main())

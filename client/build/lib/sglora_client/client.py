@@ -1,0 +1,149 @@
+"""A small synchronous client of the sglora HTTP API (httpx only: no torch, no numpy).
+
+    from sglora_client import SGLoRAClient
+    with SGLoRAClient("http://127.0.0.1:8000") as c:
+        info = c.generate("a photo of a green star")             # JSON: adapter_id, trace, coverage, downloads
+        c.download(info["adapter_id"], "adapter.safetensors")    # or format="peft" / "open_clip-merged"
+        result = c.retrieve(["a.png", "b.png"], ["a small green star", "a large green star"],
+                            description="a photo of a green star")
+        c.experts(q="star")
+
+Every non-2xx answer raises SGLoRAError carrying the server's own message and the field it names.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+FORMATS = ("safetensors", "peft", "open_clip-merged")
+Progress = Callable[[int, int], None]  # (bytes sent, total bytes)
+_CHUNK = 64 * 1024
+
+
+class SGLoRAError(Exception):
+    """The server said no: status, the field it names (or None) and its message."""
+
+    def __init__(self, status: int, message: str, field: str | None = None, code: str | None = None):
+        self.status, self.message, self.field, self.code = status, message, field, code
+        where = f" [{field}]" if field else ""
+        super().__init__(f"HTTP {status}{where}: {message}")
+
+
+def error_from(response: httpx.Response) -> SGLoRAError:
+    """The server's error envelope {"error": {"message", "field", ...}}; FastAPI's {"detail": ...} or plain text
+    from anything in front of it (a proxy) are read too, so the user always sees what was said."""
+    try:
+        body = response.json()
+    except ValueError:
+        return SGLoRAError(response.status_code, response.text.strip()[:500] or response.reason_phrase)
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        err = body["error"]
+        return SGLoRAError(response.status_code, str(err.get("message", err)), err.get("field"), err.get("code"))
+    if isinstance(body, dict) and "detail" in body:
+        return SGLoRAError(response.status_code, str(body["detail"]))
+    return SGLoRAError(response.status_code, str(body)[:500])
+
+
+class SGLoRAClient:
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 120.0,
+                 transport: httpx.BaseTransport | None = None):
+        headers = {"X-API-Key": api_key} if api_key else {}
+        self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout,
+                                  transport=transport)
+
+    def __enter__(self) -> SGLoRAClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _send(self, request: httpx.Request) -> httpx.Response:
+        response = self._http.send(request)
+        if response.status_code >= 400:
+            raise error_from(response)
+        return response
+
+    # ----------------------------------------------------------------------------------------- adapters
+
+    def generate(self, description: str, *, strategy: str | None = None, k: int | None = None,
+                 tau: float | None = None, seed: int = 0, num_samples: int = 1) -> dict[str, Any]:
+        """POST /generate-lora as JSON: adapter_id(s), trace, coverage, metadata, downloads (URL per format)."""
+        body = {"description": description, "strategy": strategy, "k": k, "tau": tau, "seed": seed,
+                "num_samples": num_samples}
+        body = {key: v for key, v in body.items() if v is not None}
+        request = self._http.build_request("POST", "/generate-lora", json=body,
+                                           headers={"Accept": "application/json"})
+        return self._send(request).json()
+
+    def download(self, adapter_id: str, path: str | os.PathLike | None = None,
+                 format: str = "safetensors") -> bytes:
+        """GET /adapters/{id}?format=...; the bytes, also written to `path` when given."""
+        if format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+        params = {} if format == "safetensors" else {"format": format}
+        data = self._send(self._http.build_request("GET", f"/adapters/{adapter_id}", params=params)).content
+        if path is not None:
+            Path(path).write_bytes(data)
+        return data
+
+    # ---------------------------------------------------------------------------------------- retrieval
+
+    def retrieve(self, images: Sequence[str | os.PathLike | bytes], texts: Sequence[str], *,
+                 description: str | None = None, adapter_id: str | None = None, top_k: int | None = None,
+                 strategy: str | None = None, k: int | None = None, tau: float | None = None, seed: int | None = None,
+                 progress: Progress | None = None) -> dict[str, Any]:
+        """POST /retrieve as a multipart upload of image files (paths or bytes); `progress(sent, total)` per chunk."""
+        files = [("images", _file_part(i, img)) for i, img in enumerate(images)]
+        fields = {"description": description, "adapter_id": adapter_id, "top_k": top_k, "strategy": strategy,
+                  "k": k, "tau": tau, "seed": seed}
+        data: dict[str, Any] = {key: str(v) for key, v in fields.items() if v is not None}
+        data["texts"] = list(texts)
+        request = self._http.build_request("POST", "/retrieve", files=files, data=data)
+        if progress is not None:
+            request = self._with_progress(request, progress)
+        return self._send(request).json()
+
+    def _with_progress(self, request: httpx.Request, progress: Progress) -> httpx.Request:
+        # httpx has no upload progress hook: the multipart body it built is re-sent in chunks through a generator,
+        # reporting each one (the body is bounded by the server's limit, 32 MiB by default, so it fits in memory).
+        body = request.read()
+        total = len(body)
+
+        def chunks() -> Iterator[bytes]:
+            sent = 0
+            for start in range(0, total, _CHUNK):
+                piece = body[start : start + _CHUNK]
+                sent += len(piece)
+                yield piece
+                progress(sent, total)
+
+        headers = {"Content-Type": request.headers["Content-Type"], "Content-Length": str(total)}
+        return self._http.build_request("POST", request.url, content=chunks(), headers=headers)
+
+    # ------------------------------------------------------------------------------------------ library
+
+    def experts(self, q: str | None = None, **params: Any) -> dict[str, Any]:
+        """GET /experts (q: a search query; other params, e.g. limit/offset, are passed through)."""
+        query = {key: v for key, v in ({"q": q} | params).items() if v is not None}
+        return self._send(self._http.build_request("GET", "/experts", params=query)).json()
+
+    def health(self) -> dict[str, Any]:
+        return self._http.get("/health/ready").json()
+
+
+def _file_part(index: int, image: str | os.PathLike | bytes) -> tuple[str, Any, str]:
+    if isinstance(image, bytes):
+        return (f"image{index}", image, "application/octet-stream")
+    path = Path(image)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    return (path.name, path.read_bytes(), mimetypes.guess_type(path.name)[0] or "application/octet-stream")
