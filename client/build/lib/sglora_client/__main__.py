@@ -1,3 +1,0 @@
-from sglora_client.cli import main
-
-raise SystemExit(main())
