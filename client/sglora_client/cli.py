@@ -63,10 +63,14 @@ def trace_table(trace: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------- commands
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
 def _progress(label: str):
     def report(sent: int, total: int) -> None:
         pct = 100 * sent // max(total, 1)
-        sys.stderr.write(f"\r{label}: {pct:3d}% ({sent / 1e6:.2f} / {total / 1e6:.2f} MB)")
+        sys.stderr.write(f"\r{label}: {pct:3d}% ({_size(sent)} / {_size(total)})")
         if sent >= total:
             sys.stderr.write("\n")
         sys.stderr.flush()
