@@ -69,6 +69,7 @@ def test_playground_in_headless_chromium(tiny_build, tmp_path):
             download = page.request.get(peft_link)
             assert download.status == 200 and download.headers["content-type"] == "application/zip"
 
+
             page.set_input_files("#images", [str(p) for p in images])
             page.fill("#texts", "\n".join(p.caption for p in pairs))
             page.click("#rank")
@@ -83,5 +84,23 @@ def test_playground_in_headless_chromium(tiny_build, tmp_path):
             SCREENSHOT.parent.mkdir(exist_ok=True)
             page.screenshot(path=str(SCREENSHOT), full_page=True)
             assert SCREENSHOT.stat().st_size > 10_000
+
+            # Trace fields other issues add (per-expert numbers, nested scalars) appear without a page change.
+            columns, bars = page.locator("#experts-table th").count(), page.locator("#chart svg rect.bar").count()
+
+            def with_extra_fields(route):
+                response = route.fetch()
+                body = response.json()
+                n = len(body["trace"]["expert_ids"])
+                body["trace"] |= {"extra_score": [0.1 * (i + 1) for i in range(n)], "extra_gate": {"passed": True}}
+                route.fulfill(response=response, json=body)
+
+            page.route("**/generate-lora", with_extra_fields)
+            page.click("#generate")
+            page.wait_for_function(f"document.querySelectorAll('#experts-table th').length === {columns + 1}")
+            assert "extra score" in page.locator("#experts-table th").all_inner_texts()
+            assert page.locator("#chart svg rect.bar").count() == bars + 4
+            assert 'extra gate: {"passed":true}' in page.inner_text("#experts")
+            page.unroute("**/generate-lora")
         finally:
             browser.close()

@@ -39,7 +39,10 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
-const fmt = (v) => (typeof v === "number" ? (Number.isInteger(v) ? String(v) : v.toFixed(4)) : String(v));
+const fmt = (v) => {
+  if (typeof v === "number") return Number.isInteger(v) ? String(v) : v.toFixed(4);
+  return v !== null && typeof v === "object" ? JSON.stringify(v) : String(v); // nested trace fields stay readable
+};
 
 // ------------------------------------------------------------------------------------------------ generate
 
