@@ -121,10 +121,14 @@ def cmd_retrieve(client: SGLoRAClient, args: argparse.Namespace) -> None:
 def cmd_experts(client: SGLoRAClient, args: argparse.Namespace) -> None:
     result = client.experts(q=args.q, limit=args.limit, offset=args.offset)
     experts = result.get("experts", [])
-    rows = [[e.get("id"), e.get("description"), *([e["score"]] if "score" in e else [])] for e in experts]
-    headers = ["id", "description", *(["score"] if any("score" in e for e in experts) else [])]
-    print(table(headers, rows))
-    print(f"{len(experts)} shown of {result.get('count', len(experts))}; store {result.get('store_version')}")
+    # id and description, then any other plain field the server sends (e.g. a search's similarity).
+    extra = [k for e in experts for k, v in e.items() if k not in ("id", "description")
+             and isinstance(v, (int, float, str))]
+    headers = ["id", "description", *dict.fromkeys(extra)]
+    print(table(headers, [[e.get(h, "") for h in headers] for e in experts]))
+    start = result.get("offset", 0)
+    print(f"{len(experts)} shown (from {start}) of {result.get('count', len(experts))}; "
+          f"store {result.get('store_version')}")
 
 
 # ------------------------------------------------------------------------------------------------- main
