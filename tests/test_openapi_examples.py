@@ -27,7 +27,7 @@ def test_every_route_has_examples(client):
     schema = client.get("/openapi.json").json()
     for path, methods in schema["paths"].items():
         for method, op in methods.items():
-            where = f"{method.upper()} {path}"
+            where = f"{method.upper()} {path} (add it to app/api/examples.py)"
             ok = op["responses"]["200"]["content"]
             assert any("example" in c for c in ok.values()), f"{where}: no 200 response example"
             for media, content in op.get("requestBody", {}).get("content", {}).items():
