@@ -142,9 +142,12 @@ async function generate(event) {
     renderCoverage(result.coverage);
     if (result.trace) renderExperts(result.trace);
     else { $("experts").replaceChildren(el("p", {}, "zero_shot: no experts, no adapter")); $("experts").hidden = false; }
-    const links = Object.entries(result.downloads || { safetensors: result.download_url });
-    $("downloads").replaceChildren("Download: ", ...links.flatMap(([name, url], i) =>
-      [i ? " · " : "", el("a", { href: url, download: "", id: `download-${name}` }, name)]));
+    const urls = result.downloads && Object.keys(result.downloads).length ? result.downloads
+      : (result.download_url ? { safetensors: result.download_url } : {});
+    const links = Object.entries(urls);
+    $("downloads").replaceChildren("Download: ", ...(links.length ? links.flatMap(([name, url], i) =>
+      [i ? " · " : "", el("a", { href: url, download: "", id: `download-${name}` }, name)])
+      : ["not available (the server did not store this adapter)"]));
     $("downloads").hidden = false;
     status(`adapter ${result.adapter_id.slice(0, 12)}… (${result.strategy}, cache ${result.cache})`);
   } catch (e) {
