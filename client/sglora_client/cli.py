@@ -82,6 +82,9 @@ def cmd_generate(client: SGLoRAClient, args: argparse.Namespace) -> None:
     info = client.generate(args.description, strategy=args.strategy, k=args.k, tau=args.tau, seed=args.seed,
                            num_samples=args.num_samples)
     adapter_id = info["adapter_id"]
+    if info.get("downloadable") is False:  # the server says it could not store the file for download
+        raise SGLoRAError(200, f"adapter {adapter_id} was generated but the server could not store it for "
+                               "download; try again")
     out = args.output or f"{adapter_id[:12]}{_EXT[args.format]}"
     data = client.download(adapter_id, out, format=args.format)
     coverage = info.get("coverage") or {}
