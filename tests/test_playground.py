@@ -19,11 +19,13 @@ SCREENSHOT = ROOT / "reports" / "playground.png"
 
 
 def test_playground_is_static_and_can_be_turned_off(tiny_build):
-    with serving(settings_for(tiny_build.out, redis_url=None)) as client:
-        page = client.get("/playground/")
+    with serving(settings_for(tiny_build.out, redis_url=None, api_key="s3cret")) as client:
+        page = client.get("/playground/")  # the page is public; the API calls it makes carry the typed key
         assert page.status_code == 200 and "text/html" in page.headers["content-type"]
-        assert 'src="playground.js"' in page.text
+        assert 'src="playground.js"' in page.text and 'id="api-key"' in page.text
         assert client.get("/playground/playground.js").status_code == 200
+        assert client.get("/experts").status_code == 401
+        assert client.get("/experts", headers={"X-API-Key": "s3cret"}).status_code == 200
     with serving(settings_for(tiny_build.out, redis_url=None, playground=False)) as client:
         assert client.get("/playground/").status_code == 404
 
