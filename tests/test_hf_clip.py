@@ -155,14 +155,17 @@ def test_converter_refuses_what_it_cannot_map():
         hf_clip_config(cfg | {"text_cfg": cfg["text_cfg"] | {"hf_model_name": "bert"}})
 
 
-def test_peft_loads_the_export_and_matches_sglora_injection(tiny_pair, tmp_path):
-    """Must show: PeftModel.from_pretrained on the converted CLIPModel == sglora's injection (both towers)."""
+@pytest.mark.parametrize("scaling", ["standard", "rslora"])
+def test_peft_loads_the_export_and_matches_sglora_injection(tiny_pair, tmp_path, scaling):
+    """Must show: PeftModel.from_pretrained on the converted CLIPModel == sglora's injection (both towers), with
+    either scaling rule (PEFT's use_rslora must reproduce alpha/sqrt(r))."""
     peft = pytest.importorskip("peft")
     backbone, hf, pixels, tokens = tiny_pair
-    layout = inject_lora(backbone.model, BOTH)
+    config = LoRAConfig(rank=2, alpha=4.0, towers=("vision", "text"), scaling=scaling)
+    layout = inject_lora(backbone.model, config)
     vector = random_vector(layout, seed=2, scale=0.3)
     vector_to_lora(backbone.model, vector)
-    for name, data in peft_adapter_files(layout, BOTH, vector, None).items():
+    for name, data in peft_adapter_files(layout, config, vector, None).items():
         (tmp_path / name).write_bytes(data)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
