@@ -54,4 +54,9 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health/ready', timeout=4)"]
 
 # One process per container: the model and store are loaded once per process (lifespan); scale with replicas.
-CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000"]
+# `python -m app` is uvicorn with a graceful shutdown: on SIGTERM readiness turns 503, it serves
+# SGLORA_SHUTDOWN_DELAY_S more, then drains in-flight requests for up to SGLORA_SHUTDOWN_GRACE_S (give the
+# container a stop grace period longer than both). Fewer glibc arenas keep resident memory near steady state.
+ENV MALLOC_ARENA_MAX=2
+STOPSIGNAL SIGTERM
+CMD ["python", "-m", "app", "--host", "0.0.0.0", "--port", "8000"]

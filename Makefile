@@ -26,7 +26,7 @@ demo-store: install
 	test -f $(STORE)/manifest.json || $(BIN)/python -m offline build --tiny --out $(STORE)
 
 serve: demo-store
-	SGLORA_STORE_PATH=$(STORE) $(BIN)/uvicorn app.main:app --host $(HOST) --port $(PORT)
+	SGLORA_STORE_PATH=$(STORE) $(BIN)/python -m app --host $(HOST) --port $(PORT)
 
 lint: install
 	$(BIN)/ruff check app offline tests bench client

@@ -21,19 +21,25 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import require_api_key
 from app.api.examples import add_openapi_examples
+from app.api.openapi import install_openapi
 from app.api.routes import experts, generate, health, retrieve
 from app.core.config import Settings
 from app.core.errors import install_error_handlers
+from app.core.lifecycle import Lifecycle
+from app.core.logging import configure_logging
+from app.core.memory import limit_arenas
 from app.core.metrics import Metrics
-from app.core.middleware import BodyLimitMiddleware, MetricsMiddleware
+from app.core.middleware import BodyLimitMiddleware, DeadlineMiddleware, RequestMiddleware
 from app.services.adapters import AdapterService
+from app.services.admission import Admission
+from app.services.batching import MicroBatcher
 from app.services.cache import make_cache
 from app.services.engine import Engine
 
 logger = logging.getLogger(__name__)
 PLAYGROUND_DIR = Path(__file__).parent / "static" / "playground"
-EXPOSED_HEADERS = ["X-Adapter-Id", "X-Sample-Adapter-Ids", "X-Cache", "X-Coverage", "X-Coverage-Warning",
-                   "Content-Disposition"]
+EXPOSED_HEADERS = ["X-Adapter-Id", "X-Sample-Adapter-Ids", "X-Adapter-Downloadable", "X-Cache", "X-Coverage",
+                   "X-Coverage-Warning", "X-Request-ID", "Retry-After", "Content-Disposition"]
 
 
 def load_settings() -> Settings:
@@ -52,6 +58,8 @@ async def _load(engine: Engine, metrics: Metrics) -> None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings if settings is not None else load_settings()
+    configure_logging(settings.log_level, settings.log_json)
+    limit_arenas(settings.malloc_arenas)
     metrics = Metrics()
     engine = Engine(settings.store_path, settings.device)
 
@@ -59,8 +67,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         # The cache (its Redis connections) belongs to the serving event loop: made here, closed at shutdown.
         cache = make_cache(settings, metrics)
-        app.state.cache = cache
-        app.state.adapters = AdapterService(engine, cache, metrics)
+        admission = Admission(settings.max_concurrent_work, settings.max_queued_work, settings.queue_wait_s,
+                              settings.decode_workers, metrics)
+        batcher = None
+        if settings.batch_window_ms > 0:
+            batcher = MicroBatcher(engine, settings.batch_window_ms / 1000, settings.batch_max_items,
+                                   settings.batch_max_queue, metrics)
+        app.state.cache, app.state.admission = cache, admission
+        app.state.adapters = AdapterService(engine, cache, metrics, admission, batcher)
         loader = None
         if settings.load_in_background:
             loader = asyncio.create_task(_load(engine, metrics))
@@ -75,18 +89,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if loader is not None and not loader.done():
                 loader.cancel()
             await cache.close()
+            admission.close()
+            if batcher is not None:
+                batcher.close()
 
     app = FastAPI(title="sglora", version="0.1.0", lifespan=lifespan,
-                  description="SG-LoRA as a service: a one-line task description in, a CLIP LoRA adapter out.")
+                  description="SG-LoRA as a service: a one-line task description in, a CLIP LoRA adapter out.",
+                  generate_unique_id_function=lambda route: route.name)  # stable operation ids: the route names
+    install_openapi(app)
     app.state.settings, app.state.metrics, app.state.engine = settings, metrics, engine
+    app.state.lifecycle = Lifecycle()
     install_error_handlers(app)
 
-    # add_middleware wraps: the last added is outermost (metrics see every response, 413s included).
+    # add_middleware wraps: the last added is outermost (metrics and the access log see every response).
+    app.add_middleware(DeadlineMiddleware, seconds=settings.request_deadline_s, metrics=metrics)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Content-Type", "Accept", "X-API-Key"], expose_headers=EXPOSED_HEADERS)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
+                           allow_headers=["Content-Type", "Accept", "X-API-Key", "X-Request-ID"],
+                           expose_headers=EXPOSED_HEADERS)
+    app.add_middleware(RequestMiddleware, metrics=metrics)
 
     protected = [Depends(require_api_key)]
     app.include_router(health.router)

@@ -3,13 +3,31 @@ item counts, k <= library size) are checked in the services and reported in the 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
+from app.ml.aggregator import TAU_MIN
 from app.ml.strategies import STRATEGIES
 
-SEED_MAX = 2**63 - 1
+# The largest integer every JSON reader keeps exact (JavaScript, float64 parsers): a seed past it would be
+# rounded by some clients, and the schema bound itself cannot be checked exactly beyond it.
+SEED_MAX = 2**53 - 1
+
+
+def _encodable(value: str) -> str:
+    """A lone surrogate (JSON "\\ud800") makes a Python str that no UTF-8 consumer (tokenizer, safetensors
+    metadata, Redis) can take: refuse it here, naming the field, instead of failing deep inside."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"text is not valid Unicode (unpaired surrogate at character {e.start})") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+# Validated by `_check_strategy` (its message lists the choices); the schema shows them as an enum.
+StrategyName = Annotated[str, WithJsonSchema({"type": "string", "enum": sorted(STRATEGIES)})]
 
 
 def _check_strategy(value: str) -> str:
@@ -21,10 +39,11 @@ def _check_strategy(value: str) -> str:
 class GenerationOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    strategy: str | None = Field(None, description=f"one of {sorted(STRATEGIES)} (default: the server's, sglora)",
-                                 examples=["sglora"])
+    strategy: StrategyName | None = Field(None, description="generation strategy (default: the server's, sglora)",
+                                          examples=["sglora"])
     k: int | None = Field(None, ge=1, description="experts routed to (default: the server's K)")
-    tau: float | None = Field(None, gt=0, allow_inf_nan=False, description="softmax temperature (default: server's)")
+    tau: float | None = Field(None, ge=TAU_MIN, allow_inf_nan=False,
+                              description="softmax temperature (default: server's)")
     seed: int = Field(0, ge=0, le=SEED_MAX, description="CVAE sampling seed: same seed, same adapter")
 
     @field_validator("strategy")
@@ -32,9 +51,18 @@ class GenerationOptions(BaseModel):
     def _known_strategy(cls, value: str | None) -> str | None:
         return None if value is None else _check_strategy(value)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _not_a_bool(cls, value: object) -> object:
+        # pydantic's lax mode reads JSON true/false as 1/0 (k, tau, seed, num_samples, top_k); no field here
+        # takes a boolean, so one is always a client's mistake.
+        if isinstance(value, bool):
+            raise ValueError("expected a number, got a boolean")
+        return value
+
 
 class GenerateRequest(GenerationOptions):
-    description: str = Field(..., description="one line describing the task", examples=["a photo of a red circle"])
+    description: Text = Field(..., description="one line describing the task", examples=["a photo of a red circle"])
     num_samples: int = Field(1, ge=1, description="adapters to sample (sglora); each gets its own adapter_id")
 
 
@@ -47,9 +75,11 @@ class Coverage(BaseModel):
 class GenerateResponse(BaseModel):
     adapter_id: str
     adapter_ids: list[str] = Field(description="every sample's id; adapter_ids[0] == adapter_id")
-    download_url: str
-    downloads: dict[str, str] = Field(default_factory=dict,
-                                      description="download URL per format: safetensors, peft, open_clip-merged")
+    downloadable: bool = Field(description="true: every id can be fetched from /adapters/{id} (until its TTL); "
+                                           "false: the cache could not store them, use this response's file")
+    download_url: str | None = Field(description="where to fetch adapter_id again; null when not downloadable")
+    downloads: dict[str, str] = Field(default_factory=dict, description="download URL per format: safetensors, "
+                                      "peft, open_clip-merged (empty when not downloadable)")
     cache: Literal["hit", "miss"]
     strategy: str
     trace: dict | None = Field(description="expert_ids, descriptions, similarities, weights, max_similarity")
@@ -60,14 +90,14 @@ class GenerateResponse(BaseModel):
 class RetrieveOptions(GenerationOptions):
     """Everything of a /retrieve request except the images (base64 in JSON, files in multipart)."""
 
-    texts: list[str] = Field(..., description="candidate captions")
-    description: str | None = Field(None, description="generate an adapter for this task (through the cache)")
-    adapter_id: str | None = Field(None, description="use a previously generated adapter")
+    texts: list[Text] = Field(..., min_length=1, description="candidate captions")
+    description: Text | None = Field(None, description="generate an adapter for this task (through the cache)")
+    adapter_id: Text | None = Field(None, description="use a previously generated adapter")
     top_k: int | None = Field(None, ge=1, description="ranked items returned per query (default: all)")
 
 
 class RetrieveJSON(RetrieveOptions):
-    images: list[str] = Field(..., description="base64 JPEG/PNG/WebP (a data: URL prefix is accepted)")
+    images: list[str] = Field(..., min_length=1, description="base64 JPEG/PNG/WebP (a data: URL prefix is accepted)")
 
 
 class Ranked(BaseModel):
@@ -88,6 +118,7 @@ class TextRanking(BaseModel):
 class AdapterUsed(BaseModel):
     source: Literal["zero_shot", "description", "adapter_id"]
     adapter_id: str | None = None
+    downloadable: bool | None = Field(None, description="whether adapter_id can be fetched from /adapters/{id}")
     cache: Literal["hit", "miss"] | None = None
     strategy: str | None = None
     max_similarity: float | None = None

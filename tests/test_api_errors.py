@@ -13,7 +13,7 @@ from PIL import Image
 from tests.test_service_support import encode, serving, settings_for
 
 LIMITS = dict(max_images=3, max_texts=3, max_image_pixels=64 * 64, max_description_chars=50, max_num_samples=2,
-              max_text_chars=40, max_body_bytes=200_000)
+              max_text_chars=40, max_body_bytes=200_000, max_request_pixels=2 * 64 * 64)
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +64,15 @@ CASES = [
     ("k over library size", "post", "/generate-lora", gen(k=41), 422, "k"),
     ("k not an int", "post", "/generate-lora", gen(k="four"), 422, "k"),
     ("tau zero", "post", "/generate-lora", gen(tau=0), 422, "tau"),
+    ("tau subnormal (softmax overflow)", "post", "/generate-lora", gen(tau=5e-309), 422, "tau"),
+    ("tau below the minimum", "post", "/generate-lora", gen(tau=1e-7), 422, "tau"),
+    ("lone surrogate in description", "post", "/generate-lora",
+     {"content": b'{"description": "a \\ud800 b"}', "headers": {"content-type": "application/json"}}, 422,
+     "description"),
+    # /retrieve parses with pydantic's strict JSON reader, which refuses the escape itself: a 400, not a 500
+    ("lone surrogate in a text", "post", "/retrieve",
+     {"content": b'{"images": ["' + OK_IMAGE.encode() + b'"], "texts": ["ok", "a \\udfff"]}',
+      "headers": {"content-type": "application/json"}}, 400, None),
     ("seed negative", "post", "/generate-lora", gen(seed=-1), 422, "seed"),
     ("seed too large", "post", "/generate-lora", gen(seed=2**64), 422, "seed"),
     ("num_samples zero", "post", "/generate-lora", gen(num_samples=0), 422, "num_samples"),
@@ -91,6 +100,8 @@ CASES = [
     ("header-only huge PNG", "post", "/retrieve", retrieve_json(images=[b64(png_header_only(5000, 5000))]), 422,
      "images[0]"),
     ("too many images", "post", "/retrieve", retrieve_json(images=[OK_IMAGE] * 4), 422, "images"),
+    ("over the request pixel budget", "post", "/retrieve", retrieve_json(images=[b64(image((64, 64)))] * 3), 422,
+     "images"),
     ("no images", "post", "/retrieve", retrieve_json(images=[]), 422, "images"),
     ("too many texts", "post", "/retrieve", retrieve_json(texts=["a"] * 4), 422, "texts"),
     ("no texts", "post", "/retrieve", retrieve_json(texts=[]), 422, "texts"),
@@ -160,6 +171,27 @@ def test_pixel_cap_is_checked_before_any_pixel_is_decoded(client, monkeypatch):
     assert decoded == []
     assert client.post("/retrieve", json={"images": [OK_IMAGE], "texts": ["a"]}).status_code == 200
     assert decoded and set(decoded) == {(32, 32)}  # the patch does see decoding when it happens
+
+
+def test_the_request_pixel_budget_is_checked_before_any_pixel_is_decoded(client, monkeypatch):
+    from PIL import ImageFile
+
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.size) or real_load(self))
+    each = b64(image((64, 64)))  # within the per-image cap; three of them are over the 8192-pixel budget
+    r = client.post("/retrieve", json={"images": [each] * 3, "texts": ["a"]})
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["field"] == "images" and "12288 pixels" in error["message"]
+    assert "SGLORA_MAX_REQUEST_PIXELS" in error["message"] and "8192" in error["message"]
+    assert decoded == []
+    assert client.post("/retrieve", json={"images": [each] * 2, "texts": ["a"]}).status_code == 200
+
+
+def test_an_unknown_id_is_not_echoed(client):
+    r = client.get("/adapters/" + "x" * 5000)
+    assert r.status_code == 404 and "x" * 65 not in r.text and len(r.content) < 500
 
 
 def test_unknown_strategy_lists_the_valid_ones(client):

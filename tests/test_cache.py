@@ -125,11 +125,16 @@ def test_backoff_skips_a_failing_backend_for_a_while(tiny_build):
     settings = settings_for(tiny_build.out, redis_url=CLOSED_PORT_URL, redis_backoff_s=60.0)
     with serving(settings) as client:
         post(client, "a photo of a red circle")
-        errors = metric(client, "sglora_cache_errors_total", backend="redis")
-        assert errors >= 1 and client.get("/health/ready").json()["cache_degraded"] is True
-        post(client, "a photo of a red circle")
-        assert metric(client, "sglora_cache_errors_total", backend="redis") == errors  # skipped, not retried
+        plain = {op: metric(client, "sglora_cache_errors_total", backend="redis", op=op) for op in ("get", "set")}
+        stores = metric(client, "sglora_cache_errors_total", backend="redis", op="store")
+        assert sum(plain.values()) >= 1 and client.get("/health/ready").json()["cache_degraded"] is True
+        r = post(client, "a photo of a red circle")
+        for op, before in plain.items():  # the cache's own reads and writes are skipped, not retried
+            assert metric(client, "sglora_cache_errors_total", backend="redis", op=op) == before
         assert metric(client, "sglora_cache_bypassed_total") >= 1
+        # ... but the id the response hands out is always attempted (and, failing, declared not downloadable)
+        assert metric(client, "sglora_cache_errors_total", backend="redis", op="store") == stores + 1
+        assert r.headers["x-adapter-downloadable"] == "false"
 
 
 def test_concurrent_misses_of_one_key_generate_once(served, monkeypatch):
@@ -137,11 +142,11 @@ def test_concurrent_misses_of_one_key_generate_once(served, monkeypatch):
     calls, lock = [], threading.Lock()
     real = adapters_module.generate_files
 
-    def slow_generate(engine, params):
+    def slow_generate(engine, params, query=None):
         with lock:
             calls.append(params)
         time.sleep(0.5)  # keep the first generation in flight while the others arrive
-        return real(engine, params)
+        return real(engine, params, query)
 
     monkeypatch.setattr(adapters_module, "generate_files", slow_generate)
     coalesced0 = metric(client, "sglora_cache_coalesced_total")
@@ -203,18 +208,18 @@ def test_single_flight_shares_failures_and_does_not_cache_them():
             await asyncio.sleep(0.05)
             raise RuntimeError("boom")
 
-        async def valid(_):
-            return True
+        async def load(value):
+            return value.decode()
 
-        results = await asyncio.gather(*(cache.get_or_create("k", failing, valid) for _ in range(3)),
+        results = await asyncio.gather(*(cache.get_or_create("k", failing, load) for _ in range(3)),
                                        return_exceptions=True)
         assert calls == 1 and all(isinstance(r, RuntimeError) for r in results)
 
         async def ok():
-            return b"value"
+            return b"value", "value"
 
-        assert await cache.get_or_create("k", ok, valid) == (b"value", "miss")
-        assert await cache.get_or_create("k", ok, valid) == (b"value", "hit")
+        assert await cache.get_or_create("k", ok, load) == ("value", "miss")
+        assert await cache.get_or_create("k", ok, load) == ("value", "hit")
 
     asyncio.run(scenario())
 

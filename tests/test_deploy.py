@@ -107,7 +107,8 @@ def test_dockerfile_runs_as_non_root_with_healthcheck_port_and_cmd():
 
     cmds = [args for kw, args in instructions if kw == "CMD"]
     assert len(cmds) == 1, cmds
-    assert exec_form(cmds[0]) == ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", str(PORT)]
+    # python -m app: uvicorn with the SIGTERM delay + drain (app/__main__.py)
+    assert exec_form(cmds[0]) == ["python", "-m", "app", "--host", "0.0.0.0", "--port", str(PORT)]
 
 
 def test_build_context_keeps_what_the_dockerfile_copies():

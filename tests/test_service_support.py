@@ -74,3 +74,135 @@ def metric(client, name: str, **labels) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 total += sample.value
     return total
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PrivateRedis:
+    """A redis-server of the test's own (in memory, nothing on disk) that the test may stop and restart; the
+    shared Redis on 6379 is never touched."""
+
+    def __init__(self, port: int | None = None):
+        import shutil
+
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            pytest.fail("redis-server is not installed (scripts/ensure-redis.sh installs it)")
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process = None
+
+    def start(self) -> PrivateRedis:
+        import subprocess
+        import time
+
+        self.process = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+                                         "--save", "", "--appendonly", "no"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_timeout=0.5)
+        for _ in range(100):
+            try:
+                if client.ping():
+                    return self
+            except redis.RedisError:
+                time.sleep(0.05)
+        raise RuntimeError(f"private redis-server on port {self.port} did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+class Server:
+    """`python -m app` (the production runner) in a subprocess on a free port, from this tree's code; its
+    stderr (JSON log lines) is kept in `log_path`. Stopped (and waited for) on exit."""
+
+    def __init__(self, store, tmp_path, redis_url: str | None = REDIS_URL, **settings):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.prefix = f"sglora-test:{uuid.uuid4().hex[:12]}:"
+        self.redis_url = redis_url
+        self.log_path = tmp_path / f"server-{self.port}.log"
+        self.env = {"SGLORA_STORE_PATH": str(store), "SGLORA_DEVICE": "cpu", "SGLORA_REDIS_PREFIX": self.prefix}
+        if redis_url:
+            self.env["SGLORA_REDIS_URL"] = redis_url
+        self.env |= {f"SGLORA_{k.upper()}": str(v) for k, v in settings.items()}
+        self.process = None
+
+    def __enter__(self) -> Server:
+        import os
+        import subprocess
+        import sys
+        import time
+        from pathlib import Path
+
+        import httpx
+
+        root = Path(__file__).resolve().parents[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SGLORA_")} | self.env
+        env["PYTHONPATH"] = str(root)
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in __exit__)
+        self.process = subprocess.Popen([sys.executable, "-m", "app", "--port", str(self.port)], cwd=root, env=env,
+                                        stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/health/ready", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.__exit__(None, None, None)
+        raise RuntimeError(f"server not ready in 120 s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_records(self) -> list[dict]:
+        import json
+
+        records = []
+        for line in self.log().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                records.append({"unparsed": line})
+        return records
+
+    def metric(self, name: str, **labels) -> float:
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        total = 0.0
+        for family in text_string_to_metric_families(httpx.get(self.url + "/metrics", timeout=5).text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    total += sample.value
+        return total
+
+    def __exit__(self, *exc) -> None:
+        import subprocess
+
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+        self._log.close()
+        if self.redis_url == REDIS_URL:
+            drop_prefix(self.prefix)

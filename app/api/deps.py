@@ -5,12 +5,14 @@ from __future__ import annotations
 import hmac
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader
 
 from app.core.config import Settings
 from app.core.errors import NotReady, Unauthorized
 from app.core.metrics import Metrics
 from app.services.adapters import AdapterService
+from app.services.admission import Admission
 from app.services.cache import Cache
 from app.services.engine import Engine
 
@@ -27,8 +29,7 @@ def get_engine(request: Request) -> Engine:
     """The loaded engine; 503 while it is still loading (routes that need the model fail fast, not hang)."""
     engine: Engine = request.app.state.engine
     if not engine.ready:
-        detail = f"model failed to load: {engine.load_error}" if engine.load_error else "model is loading"
-        raise NotReady(detail)
+        raise NotReady(engine.public_detail)
     return engine
 
 
@@ -40,17 +41,24 @@ def get_adapters(request: Request, engine: Annotated[Engine, Depends(get_engine)
     return request.app.state.adapters
 
 
+def get_admission(request: Request) -> Admission:
+    return request.app.state.admission
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 CacheDep = Annotated[Cache, Depends(get_cache)]
 AdaptersDep = Annotated[AdapterService, Depends(get_adapters)]
+AdmissionDep = Annotated[Admission, Depends(get_admission)]
 
 
-async def require_api_key(
-    settings: SettingsDep,
-    x_api_key: Annotated[str | None, Header(description="required when the server sets SGLORA_API_KEY")] = None,
-) -> None:
+# auto_error=False: the check below answers in the service's error envelope (and skips when no key is set).
+_API_KEY = APIKeyHeader(name="X-API-Key", scheme_name="ApiKey", auto_error=False,
+                        description="required when the server sets SGLORA_API_KEY")
+
+
+async def require_api_key(settings: SettingsDep, x_api_key: Annotated[str | None, Security(_API_KEY)] = None) -> None:
     if settings.api_key is None:
         return
     if x_api_key is None:

@@ -30,6 +30,7 @@ GENERATE_REQUEST = {
 GENERATE_RESPONSE = {
     "adapter_id": ADAPTER_ID,
     "adapter_ids": [ADAPTER_ID],
+    "downloadable": True,
     "download_url": f"http://127.0.0.1:8000/adapters/{ADAPTER_ID}",
     "downloads": {"safetensors": f"http://127.0.0.1:8000/adapters/{ADAPTER_ID}",
                   "peft": f"http://127.0.0.1:8000/adapters/{ADAPTER_ID}?format=peft",

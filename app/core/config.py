@@ -13,6 +13,7 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.ml.aggregator import TAU_MIN
 from app.ml.strategies import STRATEGIES
 
 
@@ -23,7 +24,7 @@ class Settings(BaseSettings):
     store_path: Path = Field(description="model store directory (python -m offline build --out ...)")
     device: str = Field("auto", description='"auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...')
     k: int = Field(4, ge=1, description="default number of experts routed to")
-    tau: float = Field(0.05, gt=0, allow_inf_nan=False, description="default softmax temperature")
+    tau: float = Field(0.05, ge=TAU_MIN, allow_inf_nan=False, description="default softmax temperature")
     default_strategy: str = "sglora"
     coverage_warning_below: float = Field(
         0.5, ge=-1, le=1, description="max cosine(description, expert) under which a response carries a warning"
@@ -51,6 +52,34 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(4096 * 4096, ge=1)
     max_description_chars: int = Field(500, ge=1)
     max_num_samples: int = Field(8, ge=1)
+    max_request_pixels: int = Field(
+        64 * 1024 * 1024, ge=1, description="decoded-pixel budget of one /retrieve (sum over its images)"
+    )
+
+    # --- load ---------------------------------------------------------------------------------------------
+    max_concurrent_work: int = Field(2, ge=1, description="requests doing model work at once (threads)")
+    max_queued_work: int = Field(16, ge=0, description="requests that may wait for a slot; beyond: 503")
+    queue_wait_s: float = Field(5.0, ge=0, description="longest wait for a slot before a 503")
+    request_deadline_s: float = Field(30.0, gt=0, description="a request still running after this gets a 503")
+    decode_workers: int = Field(2, ge=1, description="images decoded at once, across all requests")
+    malloc_arenas: int = Field(2, ge=0, description="glibc malloc arenas (0: glibc's default of 8 per core)")
+    batch_window_ms: float = Field(
+        0.0, ge=0, description="micro-batching: encodings arriving within this window share one forward (0: off)"
+    )
+    batch_max_items: int = Field(256, ge=1, description="samples in one micro-batched forward")
+    batch_max_queue: int = Field(2048, ge=1, description="samples waiting for a micro-batch; beyond: 503")
+
+    public_url: str | None = Field(
+        None, description="base URL clients reach the service at (download_url); unset => relative URLs"
+    )
+
+    # --- operations -------------------------------------------------------------------------------------
+    log_level: str = Field("INFO", pattern="^(?i)(debug|info|warning|error)$")
+    log_json: bool = Field(True, description="one JSON object per log line (false: plain text for a terminal)")
+    shutdown_delay_s: float = Field(
+        5.0, ge=0, description="after SIGTERM, keep serving this long with readiness 503 (python -m app)"
+    )
+    shutdown_grace_s: float = Field(30.0, ge=0, description="then wait this long for in-flight requests")
 
     # --- playground --------------------------------------------------------------------------------------
     playground: bool = Field(True, description="serve the playground page (static files) at /playground/")

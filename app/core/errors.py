@@ -10,7 +10,9 @@ the problem is not one field's (e.g. the body as a whole). `details` lists every
 may report several); `field`/`message` repeat the first.
 
 Statuses: 400 malformed body, 401 API key, 404 unknown route/adapter, 405 method, 413 body over the limit,
-415 image format / body content type, 422 invalid field values, 503 model not loaded yet, 500 only for bugs.
+415 image format / body content type, 422 invalid field values, 503 model not loaded yet / overloaded / past the
+request deadline / shutting down (with Retry-After), 500 only for bugs. A client that went away gets nothing
+(its connection is gone); metrics and the access log record it as 499, never as a 5xx.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from app.ml.lora import LayoutMismatchError
 from app.ml.strategies import StrategyUnavailable
@@ -33,10 +36,17 @@ class ServiceError(Exception):
     """A problem with the request (or the service's state) that the client should hear about."""
 
     code = "error"
+    retry_after_s: int | None = None  # set on "try again later" errors: sent as Retry-After
 
-    def __init__(self, message: str, field: str | None = None):
+    def __init__(self, message: str, field: str | None = None, retry_after_s: int | None = None):
         super().__init__(message)
         self.message, self.field = message, field
+        if retry_after_s is not None:
+            self.retry_after_s = retry_after_s
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        return None if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
 
 
 class InvalidInput(ServiceError):
@@ -65,6 +75,33 @@ class Unauthorized(ServiceError):
 
 class NotReady(ServiceError):
     code = "not_ready"
+    retry_after_s = 5
+
+
+class Overloaded(ServiceError):
+    """Every model-work slot is busy and the bounded wait queue is full (or the wait ran out)."""
+
+    code = "overloaded"
+    retry_after_s = 1
+
+
+class CacheUnavailable(ServiceError):
+    """Redis cannot say whether an adapter id is stored (it is down): not a 404, which would be a lie."""
+
+    code = "cache_unavailable"
+    retry_after_s = 2
+
+
+class DeadlineExceeded(ServiceError):
+    code = "deadline_exceeded"
+    retry_after_s = 1
+
+
+class ClientGone(Exception):
+    """The client disconnected; its work is dropped before it starts. Nobody is left to answer."""
+
+
+CLIENT_CLOSED = 499  # nginx's convention for "client closed the request": recorded, never sent
 
 
 # THE mapping from domain errors to statuses. Subclasses inherit their parent's status (first match in MRO).
@@ -78,10 +115,13 @@ STATUS: dict[type[Exception], int] = {
     StrategyUnavailable: 422,  # a known strategy this store cannot serve (no CVAE)
     LayoutMismatchError: 422,  # an adapter that does not fit the served model
     NotReady: 503,
+    Overloaded: 503,
+    DeadlineExceeded: 503,
+    CacheUnavailable: 503,
 }
 FIELD_OF = {StrategyUnavailable: "strategy", LayoutMismatchError: "adapter_id"}
 HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-              413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_input", 503: "not_ready"}
+              413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_input", 503: "unavailable"}
 
 
 def status_of(exc: Exception) -> int:
@@ -139,8 +179,14 @@ def validation_response(errors: list[dict]) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "ApiKey"} if isinstance(exc, Unauthorized) else None
+        headers = {"WWW-Authenticate": "ApiKey"} if isinstance(exc, Unauthorized) else exc.headers
         return error_response(status_of(exc), exc.code, exc.message, exc.field, headers=headers)
+
+    @app.exception_handler(ClientGone)
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, exc: Exception) -> Response:
+        # The connection is closed: this response is never delivered; its status is what metrics record.
+        return Response(status_code=CLIENT_CLOSED)
 
     @app.exception_handler(StrategyUnavailable)
     @app.exception_handler(LayoutMismatchError)

@@ -23,6 +23,9 @@ class Metrics:
                                     ["backend", "op"], registry=r)
         self.cache_bypassed = Counter("sglora_cache_bypassed",
                                       "cache operations skipped while backing off after a backend error", registry=r)
+        self.ids_not_stored = Counter("sglora_adapter_ids_not_stored",
+                                      "generations whose ids could not be stored (answered as not downloadable)",
+                                      registry=r)
         self.generations = Counter("sglora_generations", "adapters generated (cache misses)", ["strategy"],
                                    registry=r)
         self.generation_seconds = Histogram("sglora_generation_duration_seconds",
@@ -30,4 +33,13 @@ class Metrics:
                                             buckets=_LATENCY_BUCKETS, registry=r)
         self.retrieval_seconds = Histogram("sglora_retrieval_duration_seconds", "embed + rank (images already decoded)",
                                            ["adapter"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("sglora_http_requests_in_flight", "HTTP requests being handled", registry=r)
+        self.work_running = Gauge("sglora_work_running", "requests holding a model-work slot", registry=r)
+        self.work_waiting = Gauge("sglora_work_queue_depth", "requests waiting for a model-work slot", registry=r)
+        self.shed = Counter("sglora_shed", "requests refused with 503 or dropped before their work started",
+                            ["reason"], registry=r)
+        self.batch_queue = Gauge("sglora_batch_queue_depth", "encodings waiting for the next micro-batch",
+                                 registry=r)
+        self.batch_size = Histogram("sglora_batch_size", "items per micro-batched forward",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.ready = Gauge("sglora_ready", "1 once the model is loaded and warm", registry=r)

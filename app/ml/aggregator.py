@@ -188,6 +188,11 @@ def route(bank: ExpertBank, query: np.ndarray, k: int, exclude: Collection[str] 
     return rows, sims_k
 
 
+# The smallest temperature served: below ~5.6e-309, cos/τ overflows float64 and the weights turn NaN; far above
+# that, 1e-6 already makes the softmax a hard arg-max. The API and the settings refuse anything smaller.
+TAU_MIN = 1e-6
+
+
 def softmax_weights(sims: np.ndarray, tau: float) -> np.ndarray:
     """α = softmax(sims / τ) as float64 [K]. A small τ (0.05) makes cosines that differ by a few
     hundredths matter; subtracting the max keeps exp() from overflowing at any τ."""

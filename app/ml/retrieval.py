@@ -48,6 +48,25 @@ def embed_pairs(
     return image_emb, text_emb
 
 
+@torch.no_grad()
+def embed_mixed(backbone: Backbone, layout: LoRALayout, tower: str, inputs: Sequence[str] | torch.Tensor,
+                bank: torch.Tensor | None, index: torch.Tensor | None) -> torch.Tensor:
+    """One forward over a batch that mixes adapters: sample n uses bank[index[n]] (bank [U, D]; a zero row is
+    the base model exactly, its LoRA term adding 0), or the base model for every sample when bank is None.
+
+    tower "text": inputs are N strings (or [N, ctx] tokens); "image": [N, 3, H, W] preprocessed pixels.
+    -> [N, embed_dim] float32, L2-normalised. Used to micro-batch requests that arrive together.
+    """
+    encode = backbone.encode_text if tower == "text" else backbone.encode_images
+    if isinstance(inputs, torch.Tensor):
+        inputs = inputs.to(backbone.device)
+    if bank is None:
+        with no_lora():
+            return encode(inputs)
+    with per_sample_lora(layout, bank.to(backbone.device), index):
+        return encode(inputs)
+
+
 def same_caption_mask(captions: Sequence[str]) -> torch.Tensor:
     """[N, N] bool: pair i's image and pair j's caption are a correct match when the captions are identical.
 

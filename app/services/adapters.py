@@ -1,15 +1,23 @@
-"""Adapters through the cache: generate (single-flight, cached by parameters), store and fetch by id."""
+"""Adapters through the cache: generate (single-flight, cached by parameters), store and fetch by id.
+
+An id in a 200 is a promise: every id a generation hands out is written with `Cache.store_durably` (retried,
+even while the cache backs off), and `Generated.stored` says whether that landed, so a response can tell the
+client plainly that an id is not downloadable instead of a silent 404 later.
+"""
 
 from __future__ import annotations
 
 import logging
 import re
 import time
-
-from starlette.concurrency import run_in_threadpool
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from app.core.errors import InvalidInput, NotFound
+from app.core.logging import bind
 from app.core.metrics import Metrics
+from app.services.admission import Admission, Slot
+from app.services.batching import MicroBatcher
 from app.services.cache import ADAPTER, Cache, cache_key
 from app.services.engine import Engine
 from app.services.generator import (
@@ -25,50 +33,89 @@ logger = logging.getLogger(__name__)
 _ADAPTER_ID = re.compile(r"[0-9a-f]{64}")
 
 
+@dataclass(frozen=True)
+class Generated:
+    adapter: AdapterFile  # sample 0 (its metadata lists the other samples' ids)
+    cache: str  # "hit" | "miss"
+    stored: bool  # every id in adapter.adapter_ids can be downloaded from /adapters/{id}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """What single-flight shares between the requests of one key: the parsed file, and whether the other
+    samples' ids are stored (known to the producer, checked on a hit)."""
+
+    adapter: AdapterFile
+    samples_stored: bool
+
+
 class AdapterService:
-    def __init__(self, engine: Engine, cache: Cache, metrics: Metrics):
-        self.engine, self.cache, self.metrics = engine, cache, metrics
+    def __init__(self, engine: Engine, cache: Cache, metrics: Metrics, admission: Admission,
+                 batcher: MicroBatcher | None = None):
+        self.engine, self.cache, self.metrics, self.admission = engine, cache, metrics, admission
+        self.batcher = batcher
 
     def _parse(self, data: bytes, current_store: bool) -> AdapterFile:
         engine = self.engine
         return parse_adapter(data, engine.layout, engine.backbone.weights_id,
                              engine.version if current_store else None)
 
-    async def generate(self, params: GenerationParams) -> tuple[AdapterFile, str]:
-        """(sample 0's file, "hit" | "miss"). Every sample is also stored by id for /adapters/{id}."""
+    async def _generate_files(self, params: GenerationParams, slot: Slot | None,
+                              disconnected: Callable[[], Awaitable[bool]] | None) -> list[AdapterFile]:
+        """The model work of a miss, in the caller's admission slot or (a cache hit needs none) one of its own."""
+        if slot is None:
+            async with self.admission.slot(disconnected) as own:
+                return await self._generate_files(params, own, None)
+        query = None
+        if self.batcher is not None:  # the routing embedding joins the next text micro-batch
+            query = (await self.batcher.encode("text", [params.description], None))[0].cpu().numpy()
+        return await slot.run(generate_files, self.engine, params, query)
+
+    async def generate(self, params: GenerationParams, slot: Slot | None = None,
+                       disconnected: Callable[[], Awaitable[bool]] | None = None) -> Generated:
+        """Sample 0's file, whether it came from the cache, and whether every sample's id is stored.
+
+        `slot`: the caller's admission slot, when it holds one (else a miss takes its own, dropping the work when
+        `disconnected()` says the client has gone by then)."""
         key = cache_key(params.description, params.strategy, params.k, params.tau, params.seed, params.num_samples,
                         self.engine.version)
 
-        async def produce() -> bytes:
+        async def produce() -> tuple[bytes, _Entry]:
             t0 = time.perf_counter()
-            files = await run_in_threadpool(generate_files, self.engine, params)
+            files = await self._generate_files(params, slot, disconnected)
             self.metrics.generation_seconds.labels(params.strategy).observe(time.perf_counter() - t0)
             self.metrics.generations.labels(params.strategy).inc()
-            for f in files[1:]:
-                await self.cache.set(ADAPTER, f.adapter_id, f.data)
-            return files[0].data
+            stored = await self.cache.store_durably(ADAPTER, {f.adapter_id: f.data for f in files[1:]})
+            return files[0].data, _Entry(files[0], stored)
 
-        async def valid(data: bytes) -> bool:
+        async def load(data: bytes) -> _Entry | None:
             try:
                 primary = self._parse(data, current_store=True)
             except InvalidAdapter as e:
                 logger.warning("cached adapter rejected: %s", e)
-                return False
+                return None
             # A multi-sample entry is only complete while every sample can still be downloaded.
-            for sample_id in primary.adapter_ids[1:]:
-                if await self.cache.get(ADAPTER, sample_id) is None:
-                    return False
-            return True
+            others = primary.adapter_ids[1:]
+            if others and not await self.cache.exists_durably(ADAPTER, others):
+                return None
+            return _Entry(primary, True)
 
-        data, status = await self.cache.get_or_create(key, produce, valid)
-        primary = self._parse(data, current_store=True)
-        await self.cache.set(ADAPTER, primary.adapter_id, data)  # (re)store by id, refreshing its TTL
-        return primary, status
+        entry, status = await self.cache.get_or_create(key, produce, load)
+        bind(cache=status, strategy=params.strategy)  # for the request's access line
+        primary = entry.adapter
+        # (Re)store sample 0 by id, refreshing its TTL; the promise the response makes depends on it.
+        stored = await self.cache.store_durably(ADAPTER, {primary.adapter_id: primary.data})
+        if not (stored and entry.samples_stored):
+            self.metrics.ids_not_stored.inc()
+            logger.error("adapter %s could not be stored; the response says it is not downloadable",
+                         primary.adapter_id)
+        return Generated(primary, status, stored and entry.samples_stored)
 
     async def fetch_bytes(self, adapter_id: str) -> bytes:
         if not _ADAPTER_ID.fullmatch(adapter_id):
-            raise NotFound(f"unknown adapter_id {adapter_id!r}: ids are 64 lowercase hex digits", "adapter_id")
-        data = await self.cache.get(ADAPTER, adapter_id)
+            # Not echoed: it can be of any length and any content.
+            raise NotFound("unknown adapter_id: ids are 64 lowercase hex digits", "adapter_id")
+        data = await self.cache.get_durably(ADAPTER, adapter_id)
         if data is None or adapter_id_of(data) != adapter_id:  # absent, expired, evicted, or damaged in storage
             raise NotFound(f"unknown or expired adapter_id {adapter_id}; generate it again with /generate-lora",
                            "adapter_id")

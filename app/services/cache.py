@@ -10,6 +10,10 @@ Any backend error is counted, logged, and turned into a miss (reads) or a no-op 
 backend is skipped for `backoff_s` so a hanging Redis costs one timeout, not one per request. A value that fails
 validation (corrupt, or made for another layout/store) is a miss and is overwritten. Concurrent misses of one
 key generate once: the first request does the work, the others await its result (single-flight, per process).
+
+Adapter ids are different: a 200 that hands out an id promises that /adapters/{id} serves it. `store_durably`
+therefore ignores the backoff and retries on a fresh connection (a restarted Redis leaves dead sockets in the
+pool), and reports whether the write landed, so the response can say plainly when an id is not downloadable.
 """
 
 from __future__ import annotations
@@ -21,17 +25,21 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 
+from app.core.errors import CacheUnavailable
 from app.core.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1  # bump when the value format changes: old entries then simply stop matching
 GEN, ADAPTER = "gen", "adapter"
+DURABLE_RETRIES = 2  # extra attempts for an id write, each on a fresh connection
+T = TypeVar("T")
 
 
 def normalise_description(text: str) -> str:
@@ -72,6 +80,16 @@ class LRUBackend:
         while len(self._items) > self.max_entries:
             self._items.popitem(last=False)
 
+    async def set_many_durably(self, items: dict[str, bytes], ttl_s: int) -> None:
+        for key, value in items.items():
+            await self.set(key, value, ttl_s)
+
+    async def exists_durably(self, keys: list[str]) -> bool:
+        return all(await self.get(key) is not None for key in keys)
+
+    async def get_durably(self, key: str) -> bytes | None:
+        return await self.get(key)
+
     async def ping(self) -> bool:
         return True
 
@@ -88,6 +106,11 @@ class RedisBackend:
         self.client = aioredis.Redis.from_url(url, socket_timeout=socket_timeout_s,
                                               socket_connect_timeout=connect_timeout_s,
                                               retry=Retry(NoBackoff(), 0), retry_on_timeout=False)
+        # Id writes get their own pool whose calls retry: redis-py drops the failed connection and dials a
+        # new one before each retry, which is what a restarted Redis needs.
+        self.durable = aioredis.Redis.from_url(url, socket_timeout=socket_timeout_s,
+                                               socket_connect_timeout=connect_timeout_s,
+                                               retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), DURABLE_RETRIES))
 
     async def get(self, key: str) -> bytes | None:
         return await self.client.get(self.prefix + key)
@@ -95,11 +118,24 @@ class RedisBackend:
     async def set(self, key: str, value: bytes, ttl_s: int) -> None:
         await self.client.set(self.prefix + key, value, ex=ttl_s)
 
+    async def set_many_durably(self, items: dict[str, bytes], ttl_s: int) -> None:
+        async with self.durable.pipeline(transaction=False) as pipe:  # one round trip for every sample's id
+            for key, value in items.items():
+                pipe.set(self.prefix + key, value, ex=ttl_s)
+            await pipe.execute()
+
+    async def exists_durably(self, keys: list[str]) -> bool:
+        return await self.durable.exists(*(self.prefix + k for k in keys)) == len(keys)
+
+    async def get_durably(self, key: str) -> bytes | None:
+        return await self.durable.get(self.prefix + key)
+
     async def ping(self) -> bool:
         return bool(await self.client.ping())
 
     async def close(self) -> None:
         await self.client.aclose()
+        await self.durable.aclose()
 
 
 class Cache:
@@ -137,35 +173,68 @@ class Cache:
         except Exception as e:
             self._failed("set", e)
 
-    async def get_or_create(self, key: str, produce: Callable[[], Awaitable[bytes]],
-                            valid: Callable[[bytes], Awaitable[bool]]) -> tuple[bytes, str]:
-        """(value, "hit" | "miss"): the cached value if it passes `valid`, else `produce()`'s (then stored).
+    async def store_durably(self, namespace: str, items: dict[str, bytes]) -> bool:
+        """Write entries that a response promises (adapter ids), degraded or not; True once they are stored."""
+        if not items:
+            return True
+        try:
+            await self.backend.set_many_durably({f"{namespace}:{k}": v for k, v in items.items()}, self.ttl_s)
+            return True
+        except Exception as e:
+            self._failed("store", e)
+            return False
 
-        Concurrent calls for one key while the first is producing wait for its result and report "hit"
+    async def get_durably(self, namespace: str, key: str) -> bytes | None:
+        """A promised entry (an adapter id), asked even while degraded; CacheUnavailable when the backend cannot
+        answer, so that a stored id is never reported unknown just because Redis blinked."""
+        try:
+            return await self.backend.get_durably(f"{namespace}:{key}")
+        except Exception as e:
+            self._failed("get", e)
+            raise CacheUnavailable("the adapter store is unreachable right now; retry shortly") from e
+
+    async def exists_durably(self, namespace: str, keys: list[str]) -> bool:
+        """Whether every key is stored, asked even while degraded (False when the backend cannot tell)."""
+        try:
+            return await self.backend.exists_durably([f"{namespace}:{k}" for k in keys])
+        except Exception as e:
+            self._failed("exists", e)
+            return False
+
+    async def get_or_create(self, key: str, produce: Callable[[], Awaitable[tuple[bytes, T]]],
+                            load: Callable[[bytes], Awaitable[T | None]]) -> tuple[T, str]:
+        """(item, "hit" | "miss"): the cached value loaded by `load` (None: unusable), else `produce()`'s item,
+        whose bytes are then cached. Each value is loaded (parsed) once per call, never twice.
+
+        Concurrent calls for one key while the first is producing wait for its item and report "hit"
         (they generated nothing); `sglora_cache_coalesced_total` counts them.
         """
-        pending = self._inflight.get(key)
-        if pending is not None:
+        while (pending := self._inflight.get(key)) is not None:
             self.metrics.cache_coalesced.inc()
-            value, _ = await asyncio.shield(pending)
-            return value, "hit"
+            try:
+                item, _ = await asyncio.shield(pending)
+                return item, "hit"
+            except asyncio.CancelledError:
+                # The leader's request was cut (deadline, disconnect); unless this request was too, lead instead.
+                if not pending.cancelled() or asyncio.current_task().cancelling():
+                    raise
         future = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:
             value = await self.get(GEN, key)
-            if value is not None and not await valid(value):
+            item = await load(value) if value is not None else None
+            if value is not None and item is None:
                 self.metrics.cache_corrupt.inc()
                 logger.warning("cache entry %s… failed validation; regenerating", key[:12])
-                value = None
-            if value is not None:
+            if item is not None:
                 self.metrics.cache_hits.labels(self.backend.name).inc()
                 status = "hit"
             else:
                 self.metrics.cache_misses.labels(self.backend.name).inc()
-                value, status = await produce(), "miss"
+                (value, item), status = await produce(), "miss"
                 await self.set(GEN, key, value)
-            future.set_result((value, status))
-            return value, status
+            future.set_result((item, status))
+            return item, status
         except BaseException as e:
             if isinstance(e, asyncio.CancelledError):
                 future.cancel()

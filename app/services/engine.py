@@ -1,8 +1,9 @@
 """The engine: the loaded model store, backbone with LoRA wrappers, and CVAE, held once per process.
 
-All methods here are blocking torch work; routes call them through `run_in_threadpool`. Nothing a request does
-modifies shared weights: adapters travel per sample in a context variable (`app.ml.lora.per_sample_lora`), so
-concurrent requests with different adapters share the model safely (DESIGN decision 6).
+All methods here are blocking torch work; services call them in the admission pool (`app.services.admission`).
+Nothing a request does modifies shared weights: adapters travel per sample in a context variable
+(`app.ml.lora.per_sample_lora`), so concurrent requests with different adapters share the model safely (DESIGN
+decision 6).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from PIL import Image
 
 from app.ml.backbone import Backbone, load_backbone
 from app.ml.lora import LoRALayout, check_layout, inject_lora
-from app.ml.retrieval import embed_descriptions, embed_pairs
+from app.ml.retrieval import embed_descriptions, embed_mixed, embed_pairs
 from app.ml.store import Store, StoreError, load_store
 from app.ml.strategies import Generation, GenerationRequest, generate_adapters
 
@@ -77,7 +78,7 @@ class Engine:
                 self.store, self.backbone, self.layout = store, backbone, layout
                 self._warm_up()
             except Exception as e:
-                self.load_error = f"{type(e).__name__}: {e}"
+                self.load_error = f"{type(e).__name__}: {e}"  # for the log: it may name server paths
                 raise
             self.load_seconds = time.perf_counter() - t0
             self.ready = True
@@ -95,6 +96,18 @@ class Engine:
         embed_pairs(self.backbone, self.layout, gen.vectors[0], [image], ["a photo"])
         embed_pairs(self.backbone, self.layout, None, [image], ["a photo"])
 
+    @property
+    def state(self) -> str:
+        """"ready" | "loading" | "failed"."""
+        return "ready" if self.ready else ("failed" if self.load_error else "loading")
+
+    @property
+    def public_detail(self) -> str:
+        """What clients may read about the load state: no paths, no exception text (those go to the log)."""
+        if self.load_error:
+            return f"the model failed to load ({self.load_error.split(':', 1)[0]}); see the server log"
+        return "the model is loading" if not self.ready else "ready"
+
     # ------------------------------------------------------------------------------------------ requests
 
     @property
@@ -109,15 +122,32 @@ class Engine:
         """Routing query: the description's embedding by the FROZEN base model (never an attached adapter)."""
         return embed_descriptions(self.backbone, [description])[0].cpu().numpy().astype(np.float32)
 
-    def generate(self, description: str, strategy: str, k: int, tau: float, seed: int, num_samples: int) -> Generation:
-        query = self.describe(description)
+    def generate(self, description: str, strategy: str, k: int, tau: float, seed: int, num_samples: int,
+                 query: np.ndarray | None = None) -> Generation:
+        """`query`: the description's routing embedding when the caller has it already (micro-batched)."""
+        query = self.describe(description) if query is None else query
         return generate_adapters(self.store, strategy, GenerationRequest(query, k, tau, seed, num_samples))
 
-    def retrieve(self, adapter: torch.Tensor | None, images: Sequence[Image.Image], texts: Sequence[str],
-                 top_k: int) -> Ranking:
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """PIL image -> model input [3, H, W] on the CPU (the model's resize, crop and normalisation)."""
+        return self.backbone.preprocess(image.convert("RGB"))
+
+    def retrieve(self, adapter: torch.Tensor | None, images: Sequence[Image.Image] | torch.Tensor,
+                 texts: Sequence[str], top_k: int) -> Ranking:
+        """images: PIL images or preprocessed [N, 3, H, W]."""
+        if isinstance(images, torch.Tensor):
+            images = images.to(self.backbone.device)
         image_emb, text_emb = embed_pairs(self.backbone, self.layout, adapter, images, list(texts))
+        return self.rank(image_emb, text_emb, top_k)
+
+    @staticmethod
+    def rank(image_emb: torch.Tensor, text_emb: torch.Tensor, top_k: int) -> Ranking:
         sim = (image_emb @ text_emb.T).float().cpu()  # [N images, T texts], cosine
         return Ranking(image_to_text=rank(sim, top_k), text_to_image=rank(sim.T, top_k))
+
+    def embed_mixed(self, tower: str, inputs, bank: torch.Tensor | None, index: torch.Tensor | None) -> torch.Tensor:
+        """A micro-batch: sample n with adapter bank[index[n]] (see app.ml.retrieval.embed_mixed)."""
+        return embed_mixed(self.backbone, self.layout, tower, inputs, bank, index)
 
     def experts(self) -> list[dict]:
         return [{"id": e["id"], "description": e["description"], "provenance": e.get("provenance", {})}

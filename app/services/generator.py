@@ -175,8 +175,9 @@ def build_files(engine: Engine, params: GenerationParams, generation: Generation
     return [make(0, extra), *others]
 
 
-def generate_files(engine: Engine, params: GenerationParams) -> list[AdapterFile]:
-    """Blocking: route with the base model, generate, serialise. Call from a worker thread."""
+def generate_files(engine: Engine, params: GenerationParams, query=None) -> list[AdapterFile]:
+    """Blocking: route with the base model (or the given routing `query` [e]), generate, serialise. Call from a
+    worker thread."""
     generation = engine.generate(params.description, params.strategy, params.k, params.tau, params.seed,
-                                 params.num_samples)
+                                 params.num_samples, query=query)
     return build_files(engine, params, generation)

@@ -1,28 +1,39 @@
 """/retrieve: decode and check the inputs, pick the adapter (description / adapter_id / none), rank.
 
-Images are checked before their pixels are decoded: PIL's `Image.open` only reads the header, so the format
-and the size are known first; pixel decoding happens only for JPEG, PNG or WebP within the pixel cap.
+Cost per request is bounded before it is paid:
+  * the whole request runs in one admission slot (`app.services.admission`): parsing the body and base64
+    (`read`, given by the route) happens there too, off the event loop;
+  * every image's header is read first (`Image.open` reads no pixels), so a format, a per-image pixel cap or the
+    per-request pixel budget (`max_request_pixels`) is refused before any pixel is decoded;
+  * images are then decoded one at a time in the bounded decode pool, shrunk early to about twice the model's
+    input size (JPEG decodes at reduced scale; other formats are reduced right after decoding) and turned into
+    model input at once, so a request holds one full-size image at a time, never all of them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import torch
 from PIL import Image, UnidentifiedImageError
-from starlette.concurrency import run_in_threadpool
 
 from app.core.errors import InvalidInput, UnsupportedMedia
+from app.core.memory import give_back
 from app.core.metrics import Metrics
-from app.schemas import AdapterUsed, ImageRanking, Ranked, RetrieveResponse, TextRanking
 from app.services.adapters import AdapterService
-from app.services.engine import Engine
-from app.services.generator import resolve_params
+from app.services.admission import Admission, Slot
+from app.services.batching import MicroBatcher
+from app.services.engine import Engine, Ranking
+from app.services.generator import AdapterFile, resolve_params
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
+TRIM_AFTER_PIXELS = 16 * 1024 * 1024  # a request that decoded more hands free heap pages back (app.core.memory)
 
 
 def decode_base64(text: str, field: str) -> bytes:
@@ -39,9 +50,9 @@ def decode_base64(text: str, field: str) -> bytes:
     return data
 
 
-def open_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
-    """Bytes -> RGB image, or a 4xx naming `field`: not an image (422), another format (415), too many pixels
-    (422, checked from the header before any pixel is decoded)."""
+def open_header(data: bytes, field: str, max_pixels: int) -> Image.Image:
+    """Bytes -> an image whose header is read and no pixel decoded, or a 4xx naming `field`: not an image (422),
+    another format (415), too many pixels for one image (422)."""
     # PIL's own decompression-bomb guard raises above 2 x Image.MAX_IMAGE_PIXELS while reading the header.
     try:
         image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)  # header only
@@ -54,11 +65,40 @@ def open_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
     width, height = image.size
     if width * height > max_pixels:
         raise InvalidInput(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}", field)
+    return image
+
+
+def check_pixel_budget(images: list[tuple[str, bytes]], max_pixels: int, budget: int) -> int:
+    """Every header, then the request's total, before a single pixel is decoded. -> pixels to decode."""
+    total = 0
+    for field, data in images:
+        width, height = open_header(data, field, max_pixels).size
+        total += width * height
+    if total > budget:
+        raise InvalidInput(f"the images hold {total} pixels in all; the per-request budget "
+                           f"(SGLORA_MAX_REQUEST_PIXELS) is {budget}: send fewer or smaller images", "images")
+    return total
+
+
+def open_image(data: bytes, field: str, max_pixels: int, min_side: int | None = None) -> Image.Image:
+    """Bytes -> decoded RGB image (4xx as `open_header`). With `min_side`, shrunk early so that its shorter side
+    stays >= min_side: JPEG decodes at reduced scale (`draft`), other formats are reduced by an integer factor."""
+    image = open_header(data, field, max_pixels)
     try:
+        if min_side is not None and image.format == "JPEG":
+            image.draft("RGB", _size_with_short_side(image.size, min_side))
         image.load()  # the pixels, now known to be few enough
+        if min_side is not None and (factor := min(image.size) // min_side) > 1:
+            image = image.reduce(factor)
         return image.convert("RGB")
     except Exception as e:  # truncated or corrupt data (OSError, SyntaxError, ValueError, ...)
         raise InvalidInput(f"image data is corrupt or truncated: {e}", field) from e
+
+
+def _size_with_short_side(size: tuple[int, int], short: int) -> tuple[int, int]:
+    width, height = size
+    scale = short / min(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def _not_allowed(data: bytes, field: str) -> Exception:
@@ -100,37 +140,70 @@ def check_counts(inp: RetrievalInput, settings) -> None:
                                f"texts[{i}]")
 
 
-async def retrieve(inp: RetrievalInput, engine: Engine, adapters: AdapterService, settings,
-                   metrics: Metrics) -> RetrieveResponse:
-    check_counts(inp, settings)
-    params = None
-    if inp.description is not None:  # check generation parameters before any expensive work
-        params = resolve_params(description=inp.description, strategy=inp.strategy or settings.default_strategy,
-                                k=inp.k, tau=inp.tau, seed=inp.seed, num_samples=1, settings=settings,
-                                library_size=engine.library_size)
-    images = await run_in_threadpool(
-        lambda: [open_image(data, field, settings.max_image_pixels) for field, data in inp.images])
+@dataclass(frozen=True)
+class AdapterChoice:
+    """Which adapter a retrieval used (None fields for zero-shot)."""
 
+    source: str  # "zero_shot" | "description" | "adapter_id"
+    adapter: AdapterFile | None = None
+    cache: str | None = None
+    downloadable: bool | None = None
+
+
+@dataclass(frozen=True)
+class Retrieval:
+    adapter: AdapterChoice
+    ranking: Ranking
+
+
+def prepare_image(engine: Engine, data: bytes, field: str, max_pixels: int) -> torch.Tensor:
+    """Blocking: bytes -> model input [3, H, W]; the decoded image is dropped before the next one is decoded."""
+    image = open_image(data, field, max_pixels, min_side=2 * engine.backbone.image_size)
+    return engine.preprocess(image)
+
+
+async def choose_adapter(inp: RetrievalInput, params, adapters: AdapterService, slot: Slot) -> AdapterChoice:
     if params is not None:
-        adapter, status = await adapters.generate(params)
-        used = AdapterUsed(source="description", adapter_id=adapter.adapter_id, cache=status,
-                           strategy=adapter.metadata.get("strategy"), max_similarity=adapter.max_similarity)
-    elif inp.adapter_id is not None:
-        adapter = await adapters.fetch(inp.adapter_id)
-        used = AdapterUsed(source="adapter_id", adapter_id=adapter.adapter_id,
-                           strategy=adapter.metadata.get("strategy"), max_similarity=adapter.max_similarity)
-    else:
-        adapter, used = None, AdapterUsed(source="zero_shot")
+        generated = await adapters.generate(params, slot=slot)
+        return AdapterChoice("description", generated.adapter, generated.cache, generated.stored)
+    if inp.adapter_id is not None:
+        return AdapterChoice("adapter_id", await adapters.fetch(inp.adapter_id), downloadable=True)
+    return AdapterChoice("zero_shot")
 
-    top_k = inp.top_k or max(len(images), len(inp.texts))
-    vector = adapter.vector if adapter is not None else None
-    t0 = time.perf_counter()
-    ranking = await run_in_threadpool(engine.retrieve, vector, images, inp.texts, top_k)
-    metrics.retrieval_seconds.labels(used.source).observe(time.perf_counter() - t0)
-    return RetrieveResponse(
-        adapter=used,
-        images=[ImageRanking(index=i, texts=[Ranked(index=j, score=s) for j, s in row])
-                for i, row in enumerate(ranking.image_to_text)],
-        texts=[TextRanking(index=j, images=[Ranked(index=i, score=s) for i, s in row])
-               for j, row in enumerate(ranking.text_to_image)],
-    )
+
+async def rank(slot: Slot, engine: Engine, batcher: MicroBatcher | None, adapter: torch.Tensor | None,
+               pixels: torch.Tensor, texts: list[str], top_k: int) -> Ranking:
+    """Embed and rank, alone (one forward per tower in this request's slot) or micro-batched with others."""
+    if batcher is None:
+        return await slot.run(engine.retrieve, adapter, pixels, texts, top_k)
+    image_emb, text_emb = await asyncio.gather(batcher.encode("image", pixels, adapter),
+                                               batcher.encode("text", texts, adapter))
+    return await slot.run(engine.rank, image_emb, text_emb, top_k)
+
+
+async def retrieve(read: Callable[[], RetrievalInput], engine: Engine, adapters: AdapterService,
+                   admission: Admission, settings, metrics: Metrics,
+                   disconnected: Callable[[], Awaitable[bool]] | None = None) -> Retrieval:
+    """`read` parses the request body (blocking; run off the event loop, inside the slot)."""
+    async with admission.slot(disconnected) as slot:
+        inp = await slot.run(read, decode=True)
+        check_counts(inp, settings)
+        params = None
+        if inp.description is not None:  # check generation parameters before any expensive work
+            params = resolve_params(description=inp.description, strategy=inp.strategy or settings.default_strategy,
+                                    k=inp.k, tau=inp.tau, seed=inp.seed, num_samples=1, settings=settings,
+                                    library_size=engine.library_size)
+        decoded = await slot.run(check_pixel_budget, inp.images, settings.max_image_pixels,
+                                 settings.max_request_pixels, decode=True)
+        pixels = torch.stack([await slot.run(prepare_image, engine, data, field, settings.max_image_pixels,
+                                             decode=True)
+                              for field, data in inp.images])  # [N, 3, H, W]
+        choice = await choose_adapter(inp, params, adapters, slot)
+        top_k = inp.top_k or max(len(pixels), len(inp.texts))
+        vector = choice.adapter.vector if choice.adapter is not None else None
+        t0 = time.perf_counter()
+        ranking = await rank(slot, engine, adapters.batcher, vector, pixels, list(inp.texts), top_k)
+        metrics.retrieval_seconds.labels(choice.source).observe(time.perf_counter() - t0)
+        if decoded > TRIM_AFTER_PIXELS:
+            await slot.run(give_back, decode=True)
+    return Retrieval(choice, ranking)

@@ -10,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import AdaptersDep, EngineDep, SettingsDep
 from app.schemas import Coverage, GenerateRequest, GenerateResponse
+from app.services.adapters import Generated
 from app.services.engine import Engine
 from app.services.export import ExportFormat, download_urls, export_adapter
 from app.services.generator import AdapterFile, resolve_params
@@ -42,11 +43,18 @@ def coverage_of(adapter: AdapterFile, threshold: float) -> Coverage:
     return Coverage(max_similarity=sim, threshold=threshold, warning=warning)
 
 
-def adapter_headers(adapter: AdapterFile, coverage: Coverage, cache: str | None = None) -> dict[str, str]:
+def download_url(request: Request, settings, adapter_id: str) -> str:
+    """Built from the configured public URL, never from the request's Host header (a client could set it)."""
+    path = request.app.url_path_for("download_adapter", adapter_id=adapter_id)
+    return (settings.public_url.rstrip("/") if settings.public_url else "") + path
+
+
+def adapter_headers(adapter: AdapterFile, coverage: Coverage, cache: str | None, downloadable: bool) -> dict[str, str]:
     headers = {
         "Content-Disposition": f'attachment; filename="{adapter.adapter_id}.safetensors"',
         "X-Adapter-Id": adapter.adapter_id,
         "X-Sample-Adapter-Ids": ",".join(adapter.adapter_ids),
+        "X-Adapter-Downloadable": "true" if downloadable else "false",
         "X-Coverage": "none" if coverage.max_similarity is None else f"{coverage.max_similarity:.6f}",
     }
     if cache is not None:
@@ -56,14 +64,15 @@ def adapter_headers(adapter: AdapterFile, coverage: Coverage, cache: str | None 
     return headers
 
 
-async def adapter_response(request: Request, engine: Engine, adapter: AdapterFile, threshold: float,
-                           cache: str | None, fmt: str = "safetensors"):
-    coverage = coverage_of(adapter, threshold)
-    headers = adapter_headers(adapter, coverage, cache)
+async def adapter_response(request: Request, engine: Engine, settings, adapter: AdapterFile, cache: str | None,
+                           downloadable: bool, fmt: str = "safetensors"):
+    coverage = coverage_of(adapter, settings.coverage_warning_below)
+    headers = adapter_headers(adapter, coverage, cache, downloadable)
     if wants_json(request):
-        url = str(request.url_for("download_adapter", adapter_id=adapter.adapter_id))
-        body = GenerateResponse(adapter_id=adapter.adapter_id, adapter_ids=adapter.adapter_ids, download_url=url,
-                                downloads=download_urls(url), cache=cache or "hit",
+        url = download_url(request, settings, adapter.adapter_id) if downloadable else None
+        body = GenerateResponse(adapter_id=adapter.adapter_id, adapter_ids=adapter.adapter_ids,
+                                downloadable=downloadable, download_url=url,
+                                downloads=download_urls(url) if url else {}, cache=cache or "hit",
                                 strategy=adapter.metadata["strategy"], trace=adapter.trace, coverage=coverage,
                                 metadata=adapter.metadata)
         del headers["Content-Disposition"]
@@ -80,8 +89,9 @@ async def generate_lora(body: GenerateRequest, request: Request, engine: EngineD
     params = resolve_params(description=body.description, strategy=body.strategy or settings.default_strategy,
                             k=body.k, tau=body.tau, seed=body.seed, num_samples=body.num_samples,
                             settings=settings, library_size=engine.library_size)
-    adapter, status = await adapters.generate(params)
-    return await adapter_response(request, engine, adapter, settings.coverage_warning_below, status, format)
+    generated: Generated = await adapters.generate(params, disconnected=request.is_disconnected)
+    return await adapter_response(request, engine, settings, generated.adapter, generated.cache, generated.stored,
+                                  format)
 
 
 @router.get("/adapters/{adapter_id}", name="download_adapter", response_class=Response, responses=_FILE_RESPONSE)
@@ -89,4 +99,4 @@ async def download_adapter(adapter_id: str, request: Request, engine: EngineDep,
                            settings: SettingsDep, format: FormatQuery = "safetensors") -> Response:
     """A previously generated adapter, while it is stored (TTL); 404 once unknown or expired."""
     adapter = await adapters.fetch(adapter_id)
-    return await adapter_response(request, engine, adapter, settings.coverage_warning_below, None, format)
+    return await adapter_response(request, engine, settings, adapter, None, True, format)

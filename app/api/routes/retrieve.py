@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fastapi import APIRouter, Request
 from starlette.datastructures import UploadFile
 
-from app.api.deps import AdaptersDep, EngineDep, MetricsDep, SettingsDep
+from app.api.deps import AdaptersDep, AdmissionDep, EngineDep, MetricsDep, SettingsDep
 from app.core.errors import InvalidInput, UnsupportedMedia
-from app.schemas import RetrieveJSON, RetrieveOptions, RetrieveResponse
-from app.services.retrieval import RetrievalInput, decode_base64, retrieve
+from app.schemas import AdapterUsed, ImageRanking, Ranked, RetrieveJSON, RetrieveOptions, RetrieveResponse, TextRanking
+from app.services.retrieval import Retrieval, RetrievalInput, decode_base64, retrieve
 
 router = APIRouter(tags=["retrieval"])
 
@@ -35,8 +37,9 @@ def _input(options: RetrieveOptions, images: list[tuple[str, bytes]]) -> Retriev
                           seed=options.seed, top_k=options.top_k)
 
 
-async def _from_json(request: Request, settings) -> RetrievalInput:
-    body = RetrieveJSON.model_validate_json(await request.body())  # ValidationError -> 400/422 with the field
+def _from_json(raw: bytes, settings) -> RetrievalInput:
+    """Blocking (JSON parsing, base64): the service runs it off the event loop."""
+    body = RetrieveJSON.model_validate_json(raw)  # ValidationError -> 400/422 with the field
     if len(body.images) > settings.max_images:  # before decoding any of them
         raise InvalidInput(f"{len(body.images)} images; the limit is {settings.max_images}", "images")
     return _input(body, [(f"images[{i}]", decode_base64(s, f"images[{i}]")) for i, s in enumerate(body.images)])
@@ -59,17 +62,40 @@ async def _from_multipart(request: Request, settings) -> RetrievalInput:
     return _input(options, images)
 
 
-@router.post("/retrieve", response_model=RetrieveResponse, openapi_extra=_OPENAPI)
-async def retrieve_route(request: Request, engine: EngineDep, adapters: AdaptersDep, settings: SettingsDep,
-                         metrics: MetricsDep) -> RetrieveResponse:
-    """Rank texts for each image and images for each text, zero-shot or with an adapter given by a description
-    (generated through the cache) or by adapter_id."""
+async def _reader(request: Request, settings) -> Callable[[], RetrievalInput]:
+    """Receive the body (I/O, on the loop) and return the blocking parse the service runs in its slot."""
     content_type = request.headers.get("content-type", "application/json").lower()
     if content_type.startswith("multipart/form-data"):
-        inp = await _from_multipart(request, settings)
-    elif content_type.startswith("application/json"):
-        inp = await _from_json(request, settings)
-    else:
-        raise UnsupportedMedia(f"content type {content_type!r}: send application/json or multipart/form-data",
-                               "content-type")
-    return await retrieve(inp, engine, adapters, settings, metrics)
+        inp = await _from_multipart(request, settings)  # python-multipart parses while receiving
+        return lambda: inp
+    if content_type.startswith("application/json"):
+        raw = await request.body()
+        return lambda: _from_json(raw, settings)
+    raise UnsupportedMedia(f"content type {content_type!r}: send application/json or multipart/form-data",
+                           "content-type")
+
+
+def _response(result: Retrieval) -> RetrieveResponse:
+    choice, ranking = result.adapter, result.ranking
+    adapter = choice.adapter
+    used = AdapterUsed(source=choice.source, adapter_id=adapter.adapter_id if adapter else None,
+                       downloadable=choice.downloadable, cache=choice.cache,
+                       strategy=adapter.metadata.get("strategy") if adapter else None,
+                       max_similarity=adapter.max_similarity if adapter else None)
+    return RetrieveResponse(
+        adapter=used,
+        images=[ImageRanking(index=i, texts=[Ranked(index=j, score=s) for j, s in row])
+                for i, row in enumerate(ranking.image_to_text)],
+        texts=[TextRanking(index=j, images=[Ranked(index=i, score=s) for i, s in row])
+               for j, row in enumerate(ranking.text_to_image)],
+    )
+
+
+@router.post("/retrieve", response_model=RetrieveResponse, openapi_extra=_OPENAPI, name="retrieve")
+async def retrieve_route(request: Request, engine: EngineDep, adapters: AdaptersDep, admission: AdmissionDep,
+                         settings: SettingsDep, metrics: MetricsDep) -> RetrieveResponse:
+    """Rank texts for each image and images for each text, zero-shot or with an adapter given by a description
+    (generated through the cache) or by adapter_id."""
+    read = await _reader(request, settings)
+    result = await retrieve(read, engine, adapters, admission, settings, metrics, request.is_disconnected)
+    return _response(result)

@@ -1,0 +1,270 @@
+"""Load against a real server: `python -m bench.load [--store PATH] [--seconds 3] [--concurrency 1,8,32,64,256]`.
+
+Starts `python -m app` (real uvicorn) on a free port against the real Redis (own key prefix, removed after), and
+drives it with closed-loop clients (each client sends its next request when its last one is answered) for a
+fixed time per cell, for three workloads:
+
+  cached      POST /generate-lora, one description: every request after the first is a cache hit
+  uncached    POST /generate-lora, a new description per request: every request generates
+  retrieval   POST /retrieve, 4 images (64x64 PNG) x 4 captions, zero-shot
+
+at each concurrency, once with micro-batching off and once on (SGLORA_BATCH_WINDOW_MS). Each row: requests/s,
+latency p50/p95/p99 of the answered requests, the share shed (503), other errors, the server's peak resident
+memory, and req/s as a ratio to the unbatched run of the same cell (the baseline, measured in the same run).
+
+`--memory` instead measures one /retrieve of 64 solid-colour 4096x4096 PNGs (the issue's amplification case):
+resident memory before, at its peak and 10 s after, threads, and the request's time and status. `--runner
+uvicorn` starts `uvicorn app.main:app` instead (for trees that predate `python -m app`), `--tree` runs another
+checkout's code, and `--env K=V` passes settings (e.g. SGLORA_MAX_REQUEST_PIXELS for the 64 x 4096^2 request).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import itertools
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKLOADS = ("cached", "uncached", "retrieval")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, store: Path, tree: Path, runner: str, env: dict[str, str]):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.prefix = f"sglora-bench:{uuid.uuid4().hex[:8]}:"
+        base = {k: v for k, v in os.environ.items() if not k.startswith("SGLORA_")}
+        self.env = base | {"PYTHONPATH": str(tree), "SGLORA_STORE_PATH": str(store), "SGLORA_DEVICE": "cpu",
+                           "SGLORA_REDIS_URL": "redis://127.0.0.1:6379/0", "SGLORA_REDIS_PREFIX": self.prefix,
+                           "SGLORA_LOG_LEVEL": "WARNING"} | env
+        if runner == "uvicorn":
+            self.cmd = [sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(self.port), "--log-level",
+                        "warning", "--no-access-log"]
+        else:
+            self.cmd = [sys.executable, "-m", "app", "--port", str(self.port)]
+        self.tree = tree
+
+    def __enter__(self) -> ServerProcess:
+        self.process = subprocess.Popen(self.cmd, cwd=self.tree, env=self.env, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        self.ps = psutil.Process(self.process.pid)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}")
+            try:
+                if httpx.get(self.url + "/health/ready", timeout=1).status_code == 200:
+                    self.peak = self.rss()
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("server not ready within 180 s")
+
+    def rss(self) -> int:
+        return self.ps.memory_info().rss
+
+    def watch_peak(self, stop: threading.Event, period_s: float = 0.02) -> None:
+        while not stop.is_set():
+            try:
+                self.peak = max(self.peak, self.rss())
+            except psutil.Error:
+                return
+            time.sleep(period_s)
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        try:
+            import redis
+
+            client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+            keys = list(client.scan_iter(match=self.prefix + "*", count=500))
+            if keys:
+                client.delete(*keys)
+        except Exception as e:  # a bench must not fail on clean-up
+            print(f"(could not remove {self.prefix}* from Redis: {e})", file=sys.stderr)
+
+
+def _png_b64(size: int, colour: tuple[int, int, int]) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _requests(workload: str):
+    """An endless supply of (path, json body) for a workload."""
+    if workload == "cached":
+        return itertools.repeat(("/generate-lora", {"description": "a photo of a cached red circle"}))
+    if workload == "uncached":
+        run = uuid.uuid4().hex[:6]
+        return (("/generate-lora", {"description": f"a photo of shape {run} number {i}"}) for i in itertools.count())
+    images = [_png_b64(64, (40 * i, 200 - 40 * i, 90)) for i in range(4)]
+    body = {"images": images, "texts": ["a red square", "a green square", "a blue square", "a grey square"]}
+    return itertools.repeat(("/retrieve", body))
+
+
+async def _drive(url: str, workload: str, concurrency: int, seconds: float, timeout_s: float) -> dict:
+    supply = _requests(workload)
+    latencies, statuses = [], []
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout_s) as client:
+        if workload == "cached":  # the one miss happens before the clock starts
+            path, body = next(supply)
+            await client.post(path, json=body)
+        end = time.perf_counter() + seconds
+
+        async def one_client() -> None:
+            while time.perf_counter() < end:
+                path, body = next(supply)
+                t0 = time.perf_counter()
+                try:
+                    r = await client.post(path, json=body)
+                    statuses.append(r.status_code)
+                    if r.status_code == 200:
+                        latencies.append(time.perf_counter() - t0)
+                except httpx.HTTPError:
+                    statuses.append(0)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one_client() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    ok = len(latencies)
+    q = statistics.quantiles(latencies, n=100) if ok >= 2 else [latencies[0] if ok else float("nan")] * 99
+    return {"rps": ok / wall, "p50": q[49], "p95": q[94], "p99": q[98], "n": len(statuses),
+            "shed": statuses.count(503) / max(1, len(statuses)),
+            "errors": sum(1 for s in statuses if s not in (200, 503))}
+
+
+def run_table(store: Path, tree: Path, runner: str, env: dict[str, str], concurrency: list[int], seconds: float,
+              window_ms: float, timeout_s: float) -> list[dict]:
+    rows = []
+    for batching in (False, True):
+        cell_env = env | {"SGLORA_BATCH_WINDOW_MS": str(window_ms if batching else 0)}
+        with ServerProcess(store, tree, runner, cell_env) as server:
+            for workload in WORKLOADS:
+                for c in concurrency:
+                    server.peak = server.rss()
+                    stop = threading.Event()
+                    watcher = threading.Thread(target=server.watch_peak, args=(stop,), daemon=True)
+                    watcher.start()
+                    result = asyncio.run(_drive(server.url, workload, c, seconds, timeout_s))
+                    stop.set()
+                    watcher.join()
+                    rows.append({"workload": workload, "concurrency": c, "batching": batching,
+                                 "peak_rss_mb": server.peak / 2**20, **result})
+                    print(f"  {workload:9s} c={c:<4d} batching={batching!s:5s} {result['rps']:7.1f} req/s",
+                          file=sys.stderr)
+    base = {(r["workload"], r["concurrency"]): r["rps"] for r in rows if not r["batching"]}
+    for r in rows:
+        b = base[(r["workload"], r["concurrency"])]
+        r["ratio"] = r["rps"] / b if b else float("nan")
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| workload | conc. | batching | req/s | ratio vs unbatched | p50 ms | p95 ms | p99 ms | shed 503 "
+             "| other errors | requests | peak RSS MiB |", "|" + "---|" * 12]
+    for r in sorted(rows, key=lambda r: (WORKLOADS.index(r["workload"]), r["concurrency"], r["batching"])):
+        lines.append(f"| {r['workload']} | {r['concurrency']} | {'on' if r['batching'] else 'off'} "
+                     f"| {r['rps']:.1f} | {r['ratio']:.2f} | {1000 * r['p50']:.0f} | {1000 * r['p95']:.0f} "
+                     f"| {1000 * r['p99']:.0f} | {100 * r['shed']:.1f}% | {r['errors']} | {r['n']} "
+                     f"| {r['peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def memory_probe(store: Path, tree: Path, runner: str, env: dict[str, str], images: int, side: int,
+                 after_s: float) -> dict:
+    body = {"images": [_png_b64(side, (200, 30, 30))] * images, "texts": ["a red square", "a blue circle"]}
+    with ServerProcess(store, tree, runner, env) as server:
+        time.sleep(1.0)
+        before = server.rss()
+        server.peak = before
+        stop = threading.Event()
+        watcher = threading.Thread(target=server.watch_peak, args=(stop,), daemon=True)
+        watcher.start()
+        cpu0 = sum(server.ps.cpu_times()[:2])
+        t0 = time.perf_counter()
+        r = httpx.post(server.url + "/retrieve", json=body, timeout=600)
+        seconds = time.perf_counter() - t0
+        cpu = sum(server.ps.cpu_times()[:2]) - cpu0
+        time.sleep(after_s)
+        stop.set()
+        watcher.join()
+        return {"status": r.status_code, "body": r.text[:200] if r.status_code != 200 else "", "seconds": seconds,
+                "cpu_s": cpu, "before_mb": before / 2**20, "peak_mb": server.peak / 2**20,
+                "after_mb": server.rss() / 2**20, "threads": server.ps.num_threads(),
+                "body_mb": len(httpx.Request("POST", "http://x", json=body).read()) / 2**20}
+
+
+def _machine() -> str:
+    load = os.getloadavg()
+    return (f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, load average "
+            f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} (1/5/15 min) at start")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", type=Path, default=Path(os.environ.get("SGLORA_STORE_PATH", "model_store/tiny")))
+    parser.add_argument("--tree", type=Path, default=ROOT, help="checkout whose code the server runs")
+    parser.add_argument("--runner", choices=("app", "uvicorn"), default="app")
+    parser.add_argument("--env", action="append", default=[], help="K=V passed to the server")
+    parser.add_argument("--concurrency", default="1,8,32,64,256")
+    parser.add_argument("--seconds", type=float, default=3.0, help="per cell")
+    parser.add_argument("--timeout", type=float, default=30.0, help="client timeout per request")
+    parser.add_argument("--window-ms", type=float, default=5.0, help="micro-batching window of the 'on' runs")
+    parser.add_argument("--memory", action="store_true", help="the 64 x 4096^2 /retrieve memory probe instead")
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--side", type=int, default=4096)
+    parser.add_argument("--after", type=float, default=10.0, help="seconds after the request to read RSS again")
+    args = parser.parse_args(argv)
+    env = dict(kv.split("=", 1) for kv in args.env)
+    print(f"machine: {_machine()}")
+    if args.memory:
+        m = memory_probe(args.store, args.tree.resolve(), args.runner, env, args.images, args.side, args.after)
+        print(f"| request | status | time s | server CPU s | RSS before MiB | peak MiB | after {args.after:g} s MiB "
+              f"| threads |\n|---|---|---|---|---|---|---|---|\n| {args.images} x {args.side}^2 PNG "
+              f"({m['body_mb']:.1f} MiB body) | {m['status']} | {m['seconds']:.1f} | {m['cpu_s']:.1f} "
+              f"| {m['before_mb']:.0f} | {m['peak_mb']:.0f} (+{m['peak_mb'] - m['before_mb']:.0f}) "
+              f"| {m['after_mb']:.0f} (+{m['after_mb'] - m['before_mb']:.0f}) | {m['threads']} |")
+        if m["body"]:
+            print(f"body: {m['body']}")
+        return 0
+    concurrency = [int(c) for c in args.concurrency.split(",")]
+    rows = run_table(args.store, args.tree.resolve(), args.runner, env, concurrency, args.seconds, args.window_ms,
+                     args.timeout)
+    print(table(rows))
+    print(f"machine at end: {_machine()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

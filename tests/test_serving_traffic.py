@@ -1,0 +1,117 @@
+"""Serving under real traffic, against `python -m app` in a subprocess (real uvicorn, real Redis): overload is a
+fast 503 with Retry-After, a client that left is not a 5xx and its queued work is dropped, SIGTERM turns
+readiness 503 while an in-flight request completes, and the logs are JSON lines with request ids.
+
+The slow request is a real one: 8 solid-colour 4096x4096 PNGs (0.5 MB of body, 134 Mpx to decode)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.test_service_support import Server
+
+HEAVY_IMAGES = 8
+
+
+@pytest.fixture(scope="module")
+def heavy_body():
+    buf = io.BytesIO()
+    Image.new("RGB", (4096, 4096), (200, 30, 30)).save(buf, format="PNG")
+    image = base64.b64encode(buf.getvalue()).decode()
+    return {"images": [image] * HEAVY_IMAGES, "texts": ["a red square", "a blue circle"]}
+
+
+LIGHT = {"description": "a photo of a small red circle", "strategy": "topk_weighted"}
+HEAVY_SETTINGS = {"max_request_pixels": HEAVY_IMAGES * 4096 * 4096, "decode_workers": 1}
+
+
+def wait_for(predicate, timeout=30.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def in_background(fn):
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("value", fn()), daemon=True)
+    thread.start()
+    return thread, result
+
+
+@pytest.fixture(scope="module")
+def limited(tiny_build, tmp_path_factory):
+    """One slot, one place in the queue."""
+    with Server(tiny_build.out, tmp_path_factory.mktemp("limited"), max_concurrent_work=1, max_queued_work=1,
+                queue_wait_s=60, **HEAVY_SETTINGS) as server:
+        yield server
+
+
+def test_over_the_limit_is_a_fast_503_with_retry_after_and_disconnects_are_not_5xx(limited, heavy_body):
+    server = limited
+    heavy, first = in_background(lambda: httpx.post(server.url + "/retrieve", json=heavy_body, timeout=120))
+    wait_for(lambda: server.metric("sglora_work_running") == 1, what="the heavy request to hold the slot")
+
+    # One may wait (queue 1): this client gives up after 0.5 s, while it waits.
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/generate-lora", json=LIGHT | {"seed": 1}, timeout=0.5)
+    # The queue is full now: the next request is refused at once.
+    t0 = time.perf_counter()
+    r = httpx.post(server.url + "/generate-lora", json=LIGHT | {"seed": 2}, timeout=30)
+    elapsed = time.perf_counter() - t0
+    assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+    assert r.json()["error"]["code"] == "overloaded" and elapsed < 1.0, elapsed
+    assert server.metric("sglora_shed_total", reason="queue_full") == 1
+
+    heavy.join(120)
+    assert first["value"].status_code == 200
+    # The waiter whose client left got the slot after the heavy request and was dropped before its work.
+    wait_for(lambda: server.metric("sglora_shed_total", reason="client_gone") == 1, what="the dropped waiter")
+    assert server.metric("sglora_generations_total") == 0
+    assert server.metric("sglora_http_requests_total", route="/generate-lora", status="499") == 1
+    fives = [s for s in ("500", "502", "504") if server.metric("sglora_http_requests_total", status=s)]
+    assert fives == []
+    assert server.metric("sglora_work_running") == 0 and server.metric("sglora_work_queue_depth") == 0
+
+
+def test_sigterm_turns_readiness_503_while_an_in_flight_request_completes(tiny_build, tmp_path, heavy_body):
+    with Server(tiny_build.out, tmp_path, shutdown_delay_s=1.5, shutdown_grace_s=60, **HEAVY_SETTINGS) as server:
+        heavy, result = in_background(lambda: httpx.post(server.url + "/retrieve", json=heavy_body, timeout=120))
+        wait_for(lambda: server.metric("sglora_work_running") == 1, what="the request to be in flight")
+        server.process.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        ready = httpx.get(server.url + "/health/ready", timeout=5)
+        assert ready.status_code == 503 and ready.json()["status"] == "draining"
+        assert time.monotonic() - t0 < 1.0
+        # Still serving during the delay (the load balancer has not caught up yet).
+        assert httpx.post(server.url + "/generate-lora", json=LIGHT, timeout=30).status_code == 200
+        heavy.join(120)
+        assert result["value"].status_code == 200 and len(result["value"].json()["images"]) == HEAVY_IMAGES
+        assert server.process.wait(timeout=60) == 0
+        assert time.monotonic() - t0 >= 1.5  # it did wait the configured delay
+
+
+def test_logs_are_json_lines_with_request_ids_and_an_access_line(limited):
+    server = limited
+    r = httpx.post(server.url + "/generate-lora", json=LIGHT, headers={"X-Request-ID": "req-42"}, timeout=30)
+    assert r.status_code == 200 and r.headers["x-request-id"] == "req-42"
+    minted = httpx.get(server.url + "/experts", headers={"X-Request-ID": "bad id\twith spaces"}, timeout=30)
+    assert len(minted.headers["x-request-id"]) == 32  # an untidy id is replaced, never echoed
+    time.sleep(0.3)
+    records = server.log_records()
+    assert not [r for r in records if "unparsed" in r], "every line is JSON"
+    assert any(r.get("logger") == "app.services.engine" and "engine ready" in r["event"] for r in records)
+    access = [r for r in records if r.get("logger") == "sglora.access" and r.get("request_id") == "req-42"]
+    assert len(access) == 1
+    line = access[0]
+    assert (line["route"], line["status"], line["cache"], line["strategy"]) == (
+        "/generate-lora", 200, "miss", "topk_weighted")
+    assert line["latency_ms"] > 0 and line["level"] == "info"
