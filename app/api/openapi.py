@@ -95,10 +95,12 @@ def _settings_bounds(app: FastAPI, schema: dict) -> None:
     }
     if engine.ready:
         bounds["k"] = {"maximum": engine.library_size}
-    components = schema.get("components", {}).get("schemas", {}).values()
+    components = schema.get("components", {}).get("schemas", {})
     bodies = [media.get("schema", {}) for item in schema.get("paths", {}).values() for op in item.values()
-              for media in op.get("requestBody", {}).get("content", {}).values()]
-    for model in [*components, *bodies]:
+              for media in op.get("requestBody", {}).get("content", {}).values()]  # request bodies only
+    for model in bodies:
+        if "$ref" in model:
+            model = components.get(model["$ref"].rsplit("/", 1)[-1], {})
         for name, prop in model.get("properties", {}).items():
             if name in bounds:
                 _constrain(prop, **bounds[name])
