@@ -9,8 +9,9 @@ fixed time per cell, for three workloads:
   retrieval   POST /retrieve, 4 images (64x64 PNG) x 4 captions, zero-shot
 
 at each concurrency, once with micro-batching off and once on (SGLORA_BATCH_WINDOW_MS). Each row: requests/s,
-latency p50/p95/p99 of the answered requests, the share shed (503), other errors, the server's peak resident
-memory, and req/s as a ratio to the unbatched run of the same cell (the baseline, measured in the same run).
+latency p50/p95/p99 of the answered requests, the share shed (503), other errors (timeouts count here), the
+slowest /health/live answer meanwhile (event-loop stalls), the server's peak resident memory, and req/s as a
+ratio to the unbatched run of the same cell (the baseline, measured in the same run).
 
 `--memory` instead measures one /retrieve of 64 solid-colour 4096x4096 PNGs (the issue's amplification case):
 resident memory before, at its peak and 10 s after, threads, and the request's time and status. `--runner
@@ -153,14 +154,29 @@ async def _drive(url: str, workload: str, concurrency: int, seconds: float, time
                 except httpx.HTTPError:
                     statuses.append(0)
 
+        probes = []
+
+        async def liveness_probe() -> None:
+            # Event-loop health under load: /health/live does no work, so its latency is time spent waiting
+            # for the loop (a separate connection, as a kubelet's probe would use).
+            async with httpx.AsyncClient(base_url=url, timeout=timeout_s) as probe:
+                while time.perf_counter() < end:
+                    t = time.perf_counter()
+                    try:
+                        await probe.get("/health/live")
+                        probes.append(time.perf_counter() - t)
+                    except httpx.HTTPError:
+                        probes.append(timeout_s)
+                    await asyncio.sleep(0.1)
+
         t0 = time.perf_counter()
-        await asyncio.gather(*(one_client() for _ in range(concurrency)))
+        await asyncio.gather(liveness_probe(), *(one_client() for _ in range(concurrency)))
         wall = time.perf_counter() - t0
     ok = len(latencies)
     q = statistics.quantiles(latencies, n=100) if ok >= 2 else [latencies[0] if ok else float("nan")] * 99
     return {"rps": ok / wall, "p50": q[49], "p95": q[94], "p99": q[98], "n": len(statuses),
             "shed": statuses.count(503) / max(1, len(statuses)),
-            "errors": sum(1 for s in statuses if s not in (200, 503))}
+            "errors": sum(1 for s in statuses if s not in (200, 503)), "live_max": max(probes, default=float("nan"))}
 
 
 def run_table(store: Path, tree: Path, runner: str, env: dict[str, str], concurrency: list[int], seconds: float,
@@ -191,12 +207,12 @@ def run_table(store: Path, tree: Path, runner: str, env: dict[str, str], concurr
 
 def table(rows: list[dict]) -> str:
     lines = ["| workload | conc. | batching | req/s | ratio vs unbatched | p50 ms | p95 ms | p99 ms | shed 503 "
-             "| other errors | requests | peak RSS MiB |", "|" + "---|" * 12]
+             "| other errors | requests | /health/live max ms | peak RSS MiB |", "|" + "---|" * 13]
     for r in sorted(rows, key=lambda r: (WORKLOADS.index(r["workload"]), r["concurrency"], r["batching"])):
         lines.append(f"| {r['workload']} | {r['concurrency']} | {'on' if r['batching'] else 'off'} "
                      f"| {r['rps']:.1f} | {r['ratio']:.2f} | {1000 * r['p50']:.0f} | {1000 * r['p95']:.0f} "
                      f"| {1000 * r['p99']:.0f} | {100 * r['shed']:.1f}% | {r['errors']} | {r['n']} "
-                     f"| {r['peak_rss_mb']:.0f} |")
+                     f"| {1000 * r['live_max']:.0f} | {r['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
 
 
