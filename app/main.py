@@ -19,10 +19,10 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import require_api_key
+from app.api.deps import require_admin_key, require_api_key
 from app.api.examples import add_openapi_examples
 from app.api.openapi import install_openapi
-from app.api.routes import experts, generate, health, retrieve
+from app.api.routes import admin, experts, generate, health, retrieve
 from app.core.config import Settings
 from app.core.errors import install_error_handlers
 from app.core.lifecycle import Lifecycle
@@ -39,7 +39,7 @@ from app.services.engine import Engine
 logger = logging.getLogger(__name__)
 PLAYGROUND_DIR = Path(__file__).parent / "static" / "playground"
 EXPOSED_HEADERS = ["X-Adapter-Id", "X-Sample-Adapter-Ids", "X-Adapter-Downloadable", "X-Cache", "X-Coverage",
-                   "X-Coverage-Warning", "X-Request-ID", "Retry-After", "Content-Disposition"]
+                   "X-Coverage-Warning", "X-Request-ID", "Retry-After", "X-Store-Version", "Content-Disposition"]
 
 
 def load_settings() -> Settings:
@@ -54,6 +54,15 @@ def load_settings() -> Settings:
 async def _load(engine: Engine, metrics: Metrics) -> None:
     await run_in_threadpool(engine.load)
     metrics.ready.set(1)
+
+
+async def _watch_store(engine: Engine, interval_s: float) -> None:
+    """SGLORA_STORE_WATCH_S > 0: follow the store's version pointer; a version that fails to load is logged and
+    the served one stays (Engine.reload_if_changed)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        if engine.ready:
+            await run_in_threadpool(engine.reload_if_changed)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -83,11 +92,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 or logger.error("model failed to load: %s", t.exception()))
         else:
             await _load(engine, metrics)  # a bad store ends start-up here, loudly
+        watcher = asyncio.create_task(_watch_store(engine, settings.store_watch_s)) if settings.store_watch_s else None
         try:
             yield
         finally:
-            if loader is not None and not loader.done():
-                loader.cancel()
+            for task in (loader, watcher):
+                if task is not None and not task.done():
+                    task.cancel()
             await cache.close()
             admission.close()
             if batcher is not None:
@@ -115,6 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(generate.router, dependencies=protected)
     app.include_router(retrieve.router, dependencies=protected)
     app.include_router(experts.router, dependencies=protected)
+    app.include_router(admin.router, dependencies=[Depends(require_admin_key)])
     generated_openapi = app.openapi
 
     def openapi_with_examples() -> dict:

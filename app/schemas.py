@@ -125,6 +125,7 @@ class AdapterUsed(BaseModel):
 
 
 class RetrieveResponse(BaseModel):
+    store_version: str = Field(description="the store version this answer was made with")
     adapter: AdapterUsed
     images: list[ImageRanking] = Field(description="per image: texts ranked by cosine, best first")
     texts: list[TextRanking] = Field(description="per text: images ranked by cosine, best first")
@@ -134,15 +135,28 @@ class Expert(BaseModel):
     id: str
     description: str
     provenance: dict
+    similarity: float | None = Field(None, description="with ?q=: cosine between q and this expert's description")
 
 
 class ExpertsResponse(BaseModel):
     store_version: str
-    count: int
+    count: int = Field(description="experts in the library (all pages)")
+    offset: int = 0
+    limit: int | None = None
+    q: str | None = Field(None, description="the search text, when searching: experts are then nearest first")
+    index: dict | None = Field(None, description="the routing index: factory, search breadth, recall@4 vs exact")
     experts: list[Expert]
     # How the store's CVAE was trained (manifest cvae.info), null without one. best_step 0 means early stopping
     # kept the untrained residual decoder: sglora then returns the top-K weighted merge µ*, whatever the seed.
     cvae: dict | None = None
+
+
+class ReloadResponse(BaseModel):
+    changed: bool = Field(description="false when the store's pointer already named the served version")
+    version: str = Field(description="the version served from now on")
+    previous_version: str
+    experts: int | None = None
+    seconds: float | None = Field(None, description="load + check + warm-up time of the new version")
 
 
 class Health(BaseModel):

@@ -88,6 +88,58 @@ def train_cvae(config: Path | None = ConfigOpt, tiny: bool = TinyOpt, out: Path 
     typer.echo(f"wrote store {out} version {version} with CVAE")
 
 
+StoreOpt = typer.Option(..., "--store", help="the store directory to change (a new version is written into it)")
+
+
+@cli.command("add-experts")
+def add_experts(
+    sources: list[Path] = typer.Argument(..., help="PEFT folders, served adapter files or train-experts expert files"),
+    store: Path = StoreOpt,
+    descriptions: Path | None = typer.Option(None, "--descriptions", help="JSON {expert id: description}"),
+) -> None:
+    """Import existing LoRAs into the library as a new store version (a running server switches on reload)."""
+    from offline.import_experts import add_experts as run
+
+    texts = json.loads(descriptions.read_text()) if descriptions else {}
+    typer.echo(json.dumps(_store_command(lambda: run(store, sources, texts)), indent=2))
+
+
+@cli.command("remove-experts")
+def remove_experts(ids: list[str] = typer.Argument(..., help="expert ids"), store: Path = StoreOpt) -> None:
+    """Drop experts from the library as a new store version (their rows stay in the append-only segments)."""
+    from offline.import_experts import remove_experts as run
+
+    typer.echo(json.dumps(_store_command(lambda: run(store, ids)), indent=2))
+
+
+@cli.command("migrate-store")
+def migrate_store(store: Path = StoreOpt,
+                  dtype: str = typer.Option("float32", "--dtype", help="float32 | float16 on disk")) -> None:
+    """Convert a format-1 store (or a format-2 store to another dtype) into format 2."""
+    from app.ml.store import migrate_store as run
+
+    typer.echo(f"wrote store {store} version {_store_command(lambda: run(store, dtype))} (format 2, {dtype})")
+
+
+@cli.command("verify-store")
+def verify_store(store: Path = StoreOpt) -> None:
+    """Re-hash every file, segment and expert row (start-up checks sizes and headers; rows on first use)."""
+    from app.ml.store import verify_store as run
+
+    typer.echo(json.dumps(_store_command(lambda: run(store))))
+
+
+def _store_command(action):
+    """Run a store command; a StoreError becomes a one-line message and exit status 1 (no traceback)."""
+    from app.ml.store import StoreError
+
+    try:
+        return action()
+    except StoreError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
 @cli.command(context_settings={"allow_extra_args": True})
 def evaluate(
     ctx: typer.Context,

@@ -9,6 +9,7 @@ import torch
 
 from app.ml.aggregator import ExpertBank, build_index
 from app.ml.lora import LoRAConfig, LoRALayout
+from app.ml.routing_index import choose_index
 from app.ml.store import StoreError, TrainedCVAE, write_store
 from offline.data import Task
 from offline.train_experts import expert_path, read_expert
@@ -32,7 +33,7 @@ def load_bank(experts_dir: Path, tasks: Sequence[Task], layout: LoRALayout, inde
     emb = torch.stack(embeddings).numpy()
     bank = ExpertBank(ids=[r["id"] for r in records], descriptions=[r["description"] for r in records],
                       mu=torch.stack(mus), var=torch.stack(variances), embeddings=emb,
-                      index=build_index(emb, index_factory))
+                      index=build_index(emb, choose_index(len(emb), index_factory).factory))
     return bank, records
 
 
@@ -47,7 +48,9 @@ def build_library(
     index_factory: str = "Flat",
     cvae: TrainedCVAE | None = None,
     base_weights_file: Path | None = None,
+    dtype: str = "float32",
 ) -> str:
     bank, records = load_bank(experts_dir, tasks, layout, index_factory)
     return write_store(store_path, base_model=base_model, lora_config=lora_config, layout=layout, bank=bank,
-                       experts=records, index_factory=index_factory, cvae=cvae, base_weights_file=base_weights_file)
+                       experts=records, index_factory=index_factory, cvae=cvae, base_weights_file=base_weights_file,
+                       dtype=dtype)

@@ -59,7 +59,8 @@ class BuildConfig:
     experts: ExpertTrainingConfig = field(default_factory=lambda: ExpertTrainingConfig(keep_last=100, steps=500))
     k: int = 4
     tau: float = 0.05
-    index_factory: str = "Flat"
+    index_factory: str = "auto"  # faiss factory string, or "auto": exact up to a library size, IVF above
+    library_dtype: str = "float32"  # expert statistics on disk: float32 | float16 (aggregation stays float32)
     cvae: CVAETrainingConfig = field(default_factory=CVAETrainingConfig)
 
     def to_dict(self) -> dict:

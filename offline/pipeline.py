@@ -125,7 +125,7 @@ def step_build_library(ctx: BuildContext, cvae=None) -> str:
     backbone, layout = adapted_backbone(ctx)
     return build_library(ctx.out, ctx.experts_dir, ctx.split.seen, base_model=ctx.base_model_record(backbone),
                          lora_config=ctx.config.lora, layout=layout, index_factory=ctx.config.index_factory,
-                         cvae=cvae, base_weights_file=ctx.base_weights)
+                         cvae=cvae, base_weights_file=ctx.base_weights, dtype=ctx.config.library_dtype)
 
 
 def step_train_cvae(ctx: BuildContext, progress: bool = True) -> str:

@@ -67,7 +67,9 @@ def test_store_for_another_layout_or_model_is_refused(tiny_build):
 def test_damaged_store_files_are_detected(tiny_build, tmp_path, damage):
     copy = tmp_path / "store"
     shutil.copytree(tiny_build.out, copy)
-    target = copy / "library.safetensors"
+    manifest = json.loads((copy / "manifest.json").read_text())
+    name = manifest["library"]["segments"][0]["file"] if manifest["format_version"] == 2 else "library.safetensors"
+    target = copy / name
     if damage == "truncate":
         target.write_bytes(target.read_bytes()[:-100])
     elif damage == "edit":
@@ -76,7 +78,7 @@ def test_damaged_store_files_are_detected(tiny_build, tmp_path, damage):
         target.write_bytes(bytes(data))
     else:
         target.unlink()
-    with pytest.raises(StoreError, match="library.safetensors"):
+    with pytest.raises(StoreError, match=name):
         load_store(copy)
 
 

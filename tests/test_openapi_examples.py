@@ -9,12 +9,13 @@ import zipfile
 import pytest
 
 from app.api.examples import EXAMPLES
-from app.schemas import ExpertsResponse, GenerateResponse, Health, RetrieveResponse
+from app.schemas import ExpertsResponse, GenerateResponse, Health, ReloadResponse, RetrieveResponse
 from tests.test_service_support import serving, settings_for
 
 RESPONSE_MODELS = {("/generate-lora", "post"): GenerateResponse, ("/adapters/{adapter_id}", "get"): GenerateResponse,
                    ("/retrieve", "post"): RetrieveResponse, ("/experts", "get"): ExpertsResponse,
-                   ("/health/live", "get"): Health, ("/health/ready", "get"): Health}
+                   ("/health/live", "get"): Health, ("/health/ready", "get"): Health,
+                   ("/admin/reload", "post"): ReloadResponse}
 
 
 @pytest.fixture(scope="module")

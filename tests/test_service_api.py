@@ -274,6 +274,27 @@ def test_experts_lists_the_library(served):
     assert [e["id"] for e in body["experts"]] == [e["id"] for e in m["experts"]]
     assert body["experts"][0]["description"] and "layout_hash" in body["experts"][0]["provenance"]
     assert body["cvae"]["best_step"] == m["cvae"]["info"]["best_step"]  # users can see whether sglora is µ*
+    assert body["index"] == {"factory": "Flat", "search": None, "recall_at_4": 1.0}  # 40 experts: exact routing
+
+
+def test_experts_are_paginated_and_searchable(served):
+    client, ctx = served
+    ids = [e["id"] for e in manifest(ctx)["experts"]]
+    pages = [client.get("/experts", params={"offset": o, "limit": 15}).json() for o in (0, 15, 30)]
+    assert [e["id"] for p in pages for e in p["experts"]] == ids and all(p["count"] == len(ids) for p in pages)
+    assert [len(p["experts"]) for p in pages] == [15, 15, len(ids) - 30]
+    # ?q= returns the nearest experts with cosine similarities, best first: an expert's own description is its
+    # nearest (similarity 1), and the order is what routing of that description would pick.
+    target = manifest(ctx)["experts"][7]
+    found = client.get("/experts", params={"q": target["description"], "limit": 5}).json()
+    sims = [e["similarity"] for e in found["experts"]]
+    assert found["experts"][0]["id"] == target["id"] and sims[0] == pytest.approx(1.0, abs=1e-4)
+    assert sims == sorted(sims, reverse=True) and len(sims) == 5 and found["q"] == target["description"]
+    trace = generate(client, description=target["description"], strategy="topk_weighted", k=4).headers
+    assert trace["x-store-version"] == found["store_version"]
+    for params, field in (({"limit": 0}, "limit"), ({"offset": -1}, "offset"), ({"q": "  "}, "q")):
+        r = client.get("/experts", params=params)
+        assert r.status_code == 422 and r.json()["error"]["field"] == field, r.text
 
 
 def test_metrics_move_after_requests(served):

@@ -9,7 +9,7 @@ from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader
 
 from app.core.config import Settings
-from app.core.errors import NotReady, Unauthorized
+from app.core.errors import Forbidden, NotReady, Unauthorized
 from app.core.metrics import Metrics
 from app.services.adapters import AdapterService
 from app.services.admission import Admission
@@ -65,3 +65,17 @@ async def require_api_key(settings: SettingsDep, x_api_key: Annotated[str | None
         raise Unauthorized("missing X-API-Key header", "X-API-Key")
     if not hmac.compare_digest(x_api_key.encode(), settings.api_key.get_secret_value().encode()):
         raise Unauthorized("wrong API key", "X-API-Key")
+
+
+_ADMIN_KEY = APIKeyHeader(name="X-Admin-Key", scheme_name="AdminKey", auto_error=False,
+                          description="the server's SGLORA_ADMIN_KEY (admin routes are off without one)")
+
+
+async def require_admin_key(settings: SettingsDep,
+                            x_admin_key: Annotated[str | None, Security(_ADMIN_KEY)] = None) -> None:
+    if settings.admin_key is None:
+        raise Forbidden("admin routes are switched off: start the server with SGLORA_ADMIN_KEY set")
+    if x_admin_key is None:
+        raise Unauthorized("missing X-Admin-Key header", "X-Admin-Key")
+    if not hmac.compare_digest(x_admin_key.encode(), settings.admin_key.get_secret_value().encode()):
+        raise Unauthorized("wrong admin key", "X-Admin-Key")

@@ -58,6 +58,7 @@ RETRIEVE_MULTIPART = {
 }
 
 RETRIEVE_RESPONSE = {
+    "store_version": "31b768cb6399",
     "adapter": {"source": "description", "adapter_id": ADAPTER_ID, "cache": "hit", "strategy": "sglora",
                 "max_similarity": 0.9712},
     "images": [{"index": 0, "texts": [{"index": 0, "score": 0.8123}, {"index": 1, "score": 0.4021}]},
@@ -70,14 +71,23 @@ _PROVENANCE = {"n_pairs": 80, "final_loss": 1.0618, "layout_hash": "e220c675e7a0
                "batch_size": 32, "keep_last": 20, "seed": 0}
 EXPERTS_RESPONSE = {
     "store_version": "31b768cb6399",
-    "count": 2,
+    "count": 40,
+    "offset": 0,
+    "limit": 2,
+    "q": "a photo of a red star",
+    "index": {"factory": "Flat", "search": None, "recall_at_4": 1.0},
     "experts": [
-        {"id": "red-square", "description": "a photo of a red square", "provenance": _PROVENANCE},
-        {"id": "red-circle", "description": "a photo of a red circle", "provenance": _PROVENANCE},
+        {"id": "red-square", "description": "a photo of a red square", "provenance": _PROVENANCE,
+         "similarity": 0.9421},
+        {"id": "red-circle", "description": "a photo of a red circle", "provenance": _PROVENANCE,
+         "similarity": 0.9307},
     ],
     "cvae": {"parameters": 637504, "steps": 400, "best_step": 0, "val_error": 0.9849, "val_error_of_mu_star": 0.9849,
              "k": 4, "tau": 0.05, "seed": 0},
 }
+
+RELOAD_RESPONSE = {"changed": True, "version": "8d0f2b6c41aa", "previous_version": "31b768cb6399", "experts": 41,
+                   "seconds": 1.83}
 
 HEALTH_READY = {"status": "ready", "store_version": "31b768cb6399", "cache_backend": "redis",
                 "cache_degraded": False, "detail": None}
@@ -102,7 +112,9 @@ EXAMPLES: dict[tuple[str, str], dict] = {
         "request": {"application/json": RETRIEVE_JSON, "multipart/form-data": RETRIEVE_MULTIPART},
         "responses": {"200": {"application/json": RETRIEVE_RESPONSE}},
     },
-    ("/experts", "get"): {"responses": {"200": {"application/json": EXPERTS_RESPONSE}}},
+    ("/experts", "get"): {"params": {"q": "a photo of a red star", "offset": 0, "limit": 2},
+                          "responses": {"200": {"application/json": EXPERTS_RESPONSE}}},
+    ("/admin/reload", "post"): {"responses": {"200": {"application/json": RELOAD_RESPONSE}}},
     ("/health/live", "get"): {"responses": {"200": {"application/json": HEALTH_LIVE}}},
     ("/health/ready", "get"): {"responses": {"200": {"application/json": HEALTH_READY},
                                              "503": {"application/json": HEALTH_LOADING}}},

@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     coverage_warning_below: float = Field(
         0.5, ge=-1, le=1, description="max cosine(description, expert) under which a response carries a warning"
     )
+    store_watch_s: float = Field(
+        0, ge=0, allow_inf_nan=False,
+        description="poll the store's version pointer (manifest.json) this often and switch to a new version; 0: off",
+    )
     load_in_background: bool = Field(
         False, description="serve /health/live at once and load the model behind it (/health/ready 503 till warm)"
     )
@@ -86,6 +90,9 @@ class Settings(BaseSettings):
 
     # --- access ------------------------------------------------------------------------------------------
     api_key: SecretStr | None = Field(None, description="when set, every non-health route needs header X-API-Key")
+    admin_key: SecretStr | None = Field(
+        None, description="enables POST /admin/reload (header X-Admin-Key); unset: admin routes answer 403"
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description='JSON list or comma-separated: ["https://a.example"] or https://a,https://b'
     )
@@ -119,4 +126,6 @@ class Settings(BaseSettings):
     def _api_key_not_blank(self) -> Settings:
         if self.api_key is not None and not self.api_key.get_secret_value().strip():
             raise ValueError("api_key is set but blank; unset SGLORA_API_KEY to disable authentication")
+        if self.admin_key is not None and not self.admin_key.get_secret_value().strip():
+            raise ValueError("admin_key is set but blank; unset SGLORA_ADMIN_KEY to switch admin routes off")
         return self

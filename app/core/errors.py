@@ -9,7 +9,8 @@ Every error response has one shape:
 the problem is not one field's (e.g. the body as a whole). `details` lists every problem found (pydantic
 may report several); `field`/`message` repeat the first.
 
-Statuses: 400 malformed body, 401 API key, 404 unknown route/adapter, 405 method, 413 body over the limit,
+Statuses: 400 malformed body, 401 API key, 403 admin routes switched off, 404 unknown route/adapter, 405 method,
+409 a store version that cannot be switched to, 413 body over the limit,
 415 image format / body content type, 422 invalid field values, 503 model not loaded yet / overloaded / past the
 request deadline / shutting down (with Retry-After), 500 only for bugs. A client that went away gets nothing
 (its connection is gone); metrics and the access log record it as 499, never as a 5xx.
@@ -78,6 +79,16 @@ class NotReady(ServiceError):
     retry_after_s = 5
 
 
+class Forbidden(ServiceError):
+    code = "forbidden"
+
+
+class Conflict(ServiceError):
+    """The request is fine but the service's state refuses it (e.g. a store version that cannot be served)."""
+
+    code = "conflict"
+
+
 class Overloaded(ServiceError):
     """Every model-work slot is busy and the bounded wait queue is full (or the wait ran out)."""
 
@@ -108,7 +119,9 @@ CLIENT_CLOSED = 499  # nginx's convention for "client closed the request": recor
 STATUS: dict[type[Exception], int] = {
     MalformedBody: 400,
     Unauthorized: 401,
+    Forbidden: 403,
     NotFound: 404,
+    Conflict: 409,
     PayloadTooLarge: 413,
     UnsupportedMedia: 415,
     InvalidInput: 422,
@@ -120,8 +133,9 @@ STATUS: dict[type[Exception], int] = {
     CacheUnavailable: 503,
 }
 FIELD_OF = {StrategyUnavailable: "strategy", LayoutMismatchError: "adapter_id"}
-HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-              413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_input", 503: "unavailable"}
+HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+              409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_input",
+              503: "unavailable"}
 
 
 def status_of(exc: Exception) -> int:

@@ -46,11 +46,12 @@ def _check_normalised(vectors_ne: np.ndarray, what: str) -> None:
         )
 
 
-def build_index(embeddings: np.ndarray, factory: str = "Flat") -> faiss.Index:
+def build_index(embeddings: np.ndarray, factory: str = "Flat", search: str | None = None) -> faiss.Index:
     """An inner-product faiss index over expert embeddings [E, e] (float32, L2-normalised).
 
     `factory` is a faiss index_factory string: "Flat" is exact and right for libraries of up to
-    tens of thousands of experts; "HNSW32" etc. trade exactness for speed on larger ones.
+    tens of thousands of experts; "HNSW32", "IVF1024,Flat" etc. trade exactness for speed on larger
+    ones (`choose_index` picks by size). `search` is a faiss ParameterSpace string ("nprobe=16").
     """
     if embeddings.ndim != 2 or embeddings.shape[0] == 0:
         raise ValueError(f"embeddings must be a non-empty [E, e] matrix, got shape {embeddings.shape}")
@@ -59,9 +60,23 @@ def build_index(embeddings: np.ndarray, factory: str = "Flat") -> faiss.Index:
     embeddings_ee = np.ascontiguousarray(embeddings, dtype=np.float32)
     index = faiss.index_factory(embeddings_ee.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:  # IVF/PQ variants learn centroids/codebooks first
-        index.train(embeddings_ee)
+        index.train(_training_sample(embeddings_ee, getattr(faiss.try_extract_index_ivf(index), "nlist", 0)))
     index.add(embeddings_ee)
+    if search:
+        faiss.ParameterSpace().set_index_parameters(index, search)
     return index
+
+
+def _training_sample(embeddings_ee: np.ndarray, nlist: int) -> np.ndarray:
+    """IVF k-means on a seeded sample of 40 rows per list: on every row of a million-expert library it would
+    take minutes for no better centroids."""
+    if not nlist or len(embeddings_ee) <= _IVF_TRAIN_PER_LIST * nlist:
+        return embeddings_ee
+    rows = np.random.default_rng(0).choice(len(embeddings_ee), _IVF_TRAIN_PER_LIST * nlist, replace=False)
+    return embeddings_ee[np.sort(rows)]
+
+
+_IVF_TRAIN_PER_LIST = 40  # faiss warns below 39 training points per centroid
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,6 +120,14 @@ class ExpertBank:
     def row_of(self, expert_id: str) -> int:
         """Row of an expert id (KeyError if it is not in the library)."""
         return self._row_of[expert_id]
+
+    def gather(self, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu [K, D], var [K, D]) of the given rows: reads only those rows of a memory-mapped library."""
+        library = getattr(self.mu, "library", None)  # store.MappedRows: one read of both fields per row
+        if library is not None:
+            return library.gather(rows)
+        rows_k = torch.as_tensor(list(rows), dtype=torch.long, device=self.mu.device)
+        return self.mu[rows_k], self.var[rows_k]
 
 
 @dataclass
@@ -226,9 +249,15 @@ def _mixture_moments(
     return mu_d.to(mu_kd.dtype), (within_d + between_d).to(var_kd.dtype)
 
 
+_CHUNK = 256  # rows gathered at once: a model soup over a 10k library must not materialise [E, D] in float64
+
+
 def _prior(bank: ExpertBank, rows: Sequence[int], alpha_k: np.ndarray, sims_k: np.ndarray | None) -> SemanticPrior:
-    rows_k = torch.as_tensor(list(rows), dtype=torch.long, device=bank.mu.device)
-    mu_d, var_d = _mixture_moments(bank.mu[rows_k], bank.var[rows_k], alpha_k)
+    rows = list(rows)
+    if len(rows) <= _CHUNK:
+        mu_d, var_d = _mixture_moments(*bank.gather(rows), alpha_k)
+    else:
+        mu_d, var_d = _chunked_moments(bank, rows, alpha_k)
     trace = AggregationTrace(
         expert_ids=[bank.ids[r] for r in rows],
         descriptions=[bank.descriptions[r] for r in rows],
@@ -236,6 +265,20 @@ def _prior(bank: ExpertBank, rows: Sequence[int], alpha_k: np.ndarray, sims_k: n
         weights=[float(a) for a in alpha_k],
     )
     return SemanticPrior(mu=mu_d, var=var_d, trace=trace)
+
+
+def _chunked_moments(bank: ExpertBank, rows: list[int], alpha_k: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """_mixture_moments over many rows in two passes of _CHUNK rows (µ* first, then the spread around it)."""
+    alpha = torch.as_tensor(alpha_k, dtype=torch.float64)
+    chunks = [slice(i, i + _CHUNK) for i in range(0, len(rows), _CHUNK)]
+    mu_d = within_d = between_d = 0
+    for c in chunks:
+        mu_kd, var_kd = bank.gather(rows[c])
+        mu_d = mu_d + (alpha[c, None] * mu_kd.double()).sum(0)
+        within_d = within_d + (alpha[c, None] * var_kd.double()).sum(0)
+    for c in chunks:
+        between_d = between_d + (alpha[c, None] * (bank.gather(rows[c])[0].double() - mu_d).square()).sum(0)
+    return mu_d.float(), (within_d + between_d).float()
 
 
 def aggregate_experts(

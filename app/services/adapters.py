@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from app.core.errors import InvalidInput, NotFound
 from app.core.logging import bind
 from app.core.metrics import Metrics
+from app.ml.store import Store
 from app.services.admission import Admission, Slot
 from app.services.batching import MicroBatcher
 from app.services.cache import ADAPTER, Cache, cache_key
@@ -55,34 +56,37 @@ class AdapterService:
         self.engine, self.cache, self.metrics, self.admission = engine, cache, metrics, admission
         self.batcher = batcher
 
-    def _parse(self, data: bytes, current_store: bool) -> AdapterFile:
+    def _parse(self, data: bytes, store_version: str | None) -> AdapterFile:
         engine = self.engine
-        return parse_adapter(data, engine.layout, engine.backbone.weights_id,
-                             engine.version if current_store else None)
+        return parse_adapter(data, engine.layout, engine.backbone.weights_id, store_version)
 
     async def _generate_files(self, params: GenerationParams, slot: Slot | None,
-                              disconnected: Callable[[], Awaitable[bool]] | None) -> list[AdapterFile]:
+                              disconnected: Callable[[], Awaitable[bool]] | None, store: Store) -> list[AdapterFile]:
         """The model work of a miss, in the caller's admission slot or (a cache hit needs none) one of its own."""
         if slot is None:
             async with self.admission.slot(disconnected) as own:
-                return await self._generate_files(params, own, None)
+                return await self._generate_files(params, own, None, store)
         query = None
         if self.batcher is not None:  # the routing embedding joins the next text micro-batch
             query = (await self.batcher.encode("text", [params.description], None))[0].cpu().numpy()
-        return await slot.run(generate_files, self.engine, params, query)
+        return await slot.run(generate_files, self.engine, params, query, store)
 
     async def generate(self, params: GenerationParams, slot: Slot | None = None,
                        disconnected: Callable[[], Awaitable[bool]] | None = None) -> Generated:
         """Sample 0's file, whether it came from the cache, and whether every sample's id is stored.
 
         `slot`: the caller's admission slot, when it holds one (else a miss takes its own, dropping the work when
-        `disconnected()` says the client has gone by then)."""
+        `disconnected()` says the client has gone by then).
+
+        The store version is read once: a live switch while this request runs does not change what it answers
+        with (its cache key, its generation and the version in its metadata all name the same one)."""
+        store = self.engine.store
         key = cache_key(params.description, params.strategy, params.k, params.tau, params.seed, params.num_samples,
-                        self.engine.version)
+                        store.version)
 
         async def produce() -> tuple[bytes, _Entry]:
             t0 = time.perf_counter()
-            files = await self._generate_files(params, slot, disconnected)
+            files = await self._generate_files(params, slot, disconnected, store)
             self.metrics.generation_seconds.labels(params.strategy).observe(time.perf_counter() - t0)
             self.metrics.generations.labels(params.strategy).inc()
             stored = await self.cache.store_durably(ADAPTER, {f.adapter_id: f.data for f in files[1:]})
@@ -90,7 +94,7 @@ class AdapterService:
 
         async def load(data: bytes) -> _Entry | None:
             try:
-                primary = self._parse(data, current_store=True)
+                primary = self._parse(data, store.version)
             except InvalidAdapter as e:
                 logger.warning("cached adapter rejected: %s", e)
                 return None
@@ -125,6 +129,6 @@ class AdapterService:
         """A stored adapter, checked against the served model (it may come from an older store version)."""
         data = await self.fetch_bytes(adapter_id)
         try:
-            return self._parse(data, current_store=False)
+            return self._parse(data, None)
         except InvalidAdapter as e:
             raise InvalidInput(f"adapter {adapter_id} cannot be applied to the served model: {e}", "adapter_id") from e

@@ -18,10 +18,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from app.ml.aggregator import route
 from app.ml.backbone import Backbone, load_backbone
 from app.ml.lora import LoRALayout, check_layout, inject_lora
 from app.ml.retrieval import embed_descriptions, embed_mixed, embed_pairs
-from app.ml.store import Store, StoreError, load_store
+from app.ml.store import Store, StoreError, current_version, load_store
 from app.ml.strategies import Generation, GenerationRequest, generate_adapters
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ class Engine:
         self.load_error: str | None = None
         self.load_seconds: float | None = None
         self._lock = threading.Lock()
+        self._reload_lock = threading.Lock()
+        self.reloads = 0
 
     # ------------------------------------------------------------------------------------------- loading
 
@@ -63,7 +66,7 @@ class Engine:
                 return
             t0 = time.perf_counter()
             try:
-                store = load_store(self.store_path)
+                store = load_store(self.store_path, mmap_library=True)
                 backbone = load_backbone(store.base_model["name"], store.base_pretrained(), self.device_name)
                 layout = inject_lora(backbone.model, store.lora_config)
                 try:
@@ -76,7 +79,7 @@ class Engine:
                 if store.cvae is not None:
                     store.cvae.model.to(backbone.device)
                 self.store, self.backbone, self.layout = store, backbone, layout
-                self._warm_up()
+                self._warm_up(store)
             except Exception as e:
                 self.load_error = f"{type(e).__name__}: {e}"  # for the log: it may name server paths
                 raise
@@ -85,12 +88,12 @@ class Engine:
             logger.info("engine ready: store %s (%d experts, D=%d) on %s in %.1fs", store.version, len(store.bank),
                         layout.D, backbone.device, self.load_seconds)
 
-    def _warm_up(self) -> None:
+    def _warm_up(self, store: Store) -> None:
         """One forward through every path a request takes (routing, generation, per-sample LoRA on both towers)."""
         query = self.describe("a photo")
-        gen = generate_adapters(self.store, "topk_weighted", GenerationRequest(query, k=1, tau=1.0))
-        if self.store.cvae is not None:
-            generate_adapters(self.store, "sglora_mean", GenerationRequest(query, k=1, tau=1.0))
+        gen = generate_adapters(store, "topk_weighted", GenerationRequest(query, k=1, tau=1.0))
+        if store.cvae is not None:
+            generate_adapters(store, "sglora_mean", GenerationRequest(query, k=1, tau=1.0))
         size = self.backbone.image_size
         image = Image.new("RGB", (size, size), (127, 127, 127))
         embed_pairs(self.backbone, self.layout, gen.vectors[0], [image], ["a photo"])
@@ -108,6 +111,49 @@ class Engine:
             return f"the model failed to load ({self.load_error.split(':', 1)[0]}); see the server log"
         return "the model is loading" if not self.ready else "ready"
 
+    # ------------------------------------------------------------------------------------------ live updates
+
+    def reload(self) -> dict:
+        """Switch to the version the store's manifest names now, if it differs from the one served.
+
+        The new version is loaded, checked against the loaded base model and warmed up while the old one keeps
+        serving; then one reference is swapped. A request holds the `Store` it started with (`self.store` read
+        once), so requests in flight finish on their version. A version that fails to load leaves the served
+        one in place and raises StoreError naming the problem. Used by POST /admin/reload and the watcher;
+        replicas can call it (or `reload_if_changed`) themselves.
+        """
+        if not self.ready:
+            raise StoreError("the engine is still loading; nothing to reload yet")
+        with self._reload_lock:
+            old = self.store
+            target = current_version(self.store_path)
+            if target == old.version:
+                return {"changed": False, "version": old.version, "previous_version": old.version}
+            t0 = time.perf_counter()
+            store = load_store(self.store_path, expected_layout=self.layout,
+                               expected_weights_id=self.backbone.weights_id, mmap_library=True)
+            if store.base_model["name"] != old.base_model["name"]:
+                raise StoreError(f"{self.store_path}: version {store.version} is for base model "
+                                 f"{store.base_model['name']}, serving {old.base_model['name']}: restart to switch")
+            if store.cvae is not None:
+                store.cvae.model.to(self.backbone.device)
+            self._warm_up(store)
+            self.store = store  # one reference assignment: atomic for readers
+            self.reloads += 1
+            seconds = time.perf_counter() - t0
+            logger.info("store switched %s -> %s (%d experts) in %.2fs", old.version, store.version, len(store.bank),
+                        seconds)
+            return {"changed": True, "version": store.version, "previous_version": old.version,
+                    "experts": len(store.bank), "seconds": seconds}
+
+    def reload_if_changed(self) -> dict | None:
+        """For a watcher: reload when the version pointer moved; None (and a log line) when that fails."""
+        try:
+            return self.reload()
+        except StoreError as e:
+            logger.error("store reload failed, still serving %s: %s", self.version, e)
+            return None
+
     # ------------------------------------------------------------------------------------------ requests
 
     @property
@@ -123,10 +169,12 @@ class Engine:
         return embed_descriptions(self.backbone, [description])[0].cpu().numpy().astype(np.float32)
 
     def generate(self, description: str, strategy: str, k: int, tau: float, seed: int, num_samples: int,
-                 query: np.ndarray | None = None) -> Generation:
-        """`query`: the description's routing embedding when the caller has it already (micro-batched)."""
+                 query: np.ndarray | None = None, store: Store | None = None) -> Generation:
+        """`query`: the description's routing embedding when the caller has it already (micro-batched).
+        `store`: the version the request started on (default: the one served now)."""
         query = self.describe(description) if query is None else query
-        return generate_adapters(self.store, strategy, GenerationRequest(query, k, tau, seed, num_samples))
+        store = store if store is not None else self.store
+        return generate_adapters(store, strategy, GenerationRequest(query, k, tau, seed, num_samples))
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """PIL image -> model input [3, H, W] on the CPU (the model's resize, crop and normalisation)."""
@@ -149,6 +197,23 @@ class Engine:
         """A micro-batch: sample n with adapter bank[index[n]] (see app.ml.retrieval.embed_mixed)."""
         return embed_mixed(self.backbone, self.layout, tower, inputs, bank, index)
 
-    def experts(self) -> list[dict]:
-        return [{"id": e["id"], "description": e["description"], "provenance": e.get("provenance", {})}
-                for e in self.store.manifest["experts"]]
+    def experts_page(self, offset: int, limit: int, q: str | None = None) -> dict:
+        """One page of the library, or with `q` the `limit` experts nearest q by the routing index (the
+        similarities a request with that description would see). One store version throughout."""
+        store = self.store
+        records = store.manifest["experts"]
+        if q is None:
+            items = [_expert_item(e) for e in records[offset : offset + limit]]
+        else:
+            rows, sims = route(store.bank, self.describe(q), min(limit, len(store.bank)))
+            items = [_expert_item(records[r]) | {"similarity": float(s)} for r, s in zip(rows, sims, strict=True)]
+            offset = 0
+        index = {k: store.manifest["index"].get(k) for k in ("factory", "search", "recall_at_4")}
+        if index["recall_at_4"] is None and index["factory"] == "Flat":  # a format-1 store: exact, unrecorded
+            index["recall_at_4"] = 1.0
+        return {"store_version": store.version, "count": len(records), "offset": offset, "limit": limit, "q": q,
+                "index": index, "experts": items, "cvae": store.cvae.info if store.cvae is not None else None}
+
+
+def _expert_item(record: dict) -> dict:
+    return {"id": record["id"], "description": record["description"], "provenance": record.get("provenance", {})}

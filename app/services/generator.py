@@ -34,6 +34,7 @@ from safetensors.torch import load as load_safetensors
 from app.core.errors import InvalidInput
 from app.ml.canonical import canonical_safetensors
 from app.ml.lora import LoRALayout, state_dict_to_vector, vector_to_state_dict
+from app.ml.store import Store
 from app.ml.strategies import Generation
 from app.services.cache import normalise_description
 from app.services.engine import Engine
@@ -139,9 +140,10 @@ def parse_adapter(data: bytes, layout: LoRALayout, weights_id: str, store_versio
     return AdapterFile(adapter_id_of(data), data, metadata, vector)
 
 
-def build_files(engine: Engine, params: GenerationParams, generation: Generation) -> list[AdapterFile]:
-    """One file per sample; sample 0 first, its metadata naming the others."""
-    store, layout = engine.store, engine.layout
+def build_files(engine: Engine, params: GenerationParams, generation: Generation,
+                store: Store | None = None) -> list[AdapterFile]:
+    """One file per sample; sample 0 first, its metadata naming the others. `store`: the version generated on."""
+    store, layout = store if store is not None else engine.store, engine.layout
     lora = store.lora_config
     trace = generation.trace.to_dict() if generation.trace is not None else None
     common = {
@@ -175,9 +177,12 @@ def build_files(engine: Engine, params: GenerationParams, generation: Generation
     return [make(0, extra), *others]
 
 
-def generate_files(engine: Engine, params: GenerationParams, query=None) -> list[AdapterFile]:
+def generate_files(engine: Engine, params: GenerationParams, query=None,
+                   store: Store | None = None) -> list[AdapterFile]:
     """Blocking: route with the base model (or the given routing `query` [e]), generate, serialise. Call from a
-    worker thread."""
+    worker thread. `store`: the version the request started on, so a live switch while it runs cannot mix two
+    versions in one answer (default: the one served now)."""
+    store = store if store is not None else engine.store
     generation = engine.generate(params.description, params.strategy, params.k, params.tau, params.seed,
-                                 params.num_samples, query=query)
-    return build_files(engine, params, generation)
+                                 params.num_samples, query=query, store=store)
+    return build_files(engine, params, generation, store)

@@ -154,6 +154,7 @@ class AdapterChoice:
 class Retrieval:
     adapter: AdapterChoice
     ranking: Ranking
+    store_version: str  # the version whose adapter was used (zero-shot: the version served when it came in)
 
 
 def prepare_image(engine: Engine, data: bytes, field: str, max_pixels: int) -> torch.Tensor:
@@ -185,6 +186,7 @@ async def retrieve(read: Callable[[], RetrievalInput], engine: Engine, adapters:
                    admission: Admission, settings, metrics: Metrics,
                    disconnected: Callable[[], Awaitable[bool]] | None = None) -> Retrieval:
     """`read` parses the request body (blocking; run off the event loop, inside the slot)."""
+    served_version = engine.version
     async with admission.slot(disconnected) as slot:
         inp = await slot.run(read, decode=True)
         check_counts(inp, settings)
@@ -206,4 +208,5 @@ async def retrieve(read: Callable[[], RetrievalInput], engine: Engine, adapters:
         metrics.retrieval_seconds.labels(choice.source).observe(time.perf_counter() - t0)
         if decoded > TRIM_AFTER_PIXELS:
             await slot.run(give_back, decode=True)
-    return Retrieval(choice, ranking)
+    version = choice.adapter.metadata.get("store_version", served_version) if choice.adapter else served_version
+    return Retrieval(choice, ranking, version)

@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
 
-from app.api.deps import EngineDep
+from fastapi import APIRouter, Query
+from starlette.concurrency import run_in_threadpool
+
+from app.api.deps import EngineDep, SettingsDep
+from app.core.errors import InvalidInput
 from app.schemas import ExpertsResponse
 
 router = APIRouter(tags=["library"])
 
 
 @router.get("/experts", response_model=ExpertsResponse)
-async def experts(engine: EngineDep) -> ExpertsResponse:
-    items = engine.experts()
-    cvae = engine.store.cvae.info if engine.store.cvae is not None else None
-    return ExpertsResponse(store_version=engine.version, count=len(items), experts=items, cvae=cvae)
+async def experts(
+    engine: EngineDep,
+    settings: SettingsDep,
+    q: Annotated[str | None, Query(description="a task description: returns the nearest experts with their "
+                                               "cosine similarity, to check coverage before generating")] = None,
+    offset: Annotated[int, Query(ge=0, description="page start (listing only)")] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000, description="page size; with q, how many nearest experts")] = 100,
+) -> ExpertsResponse:
+    """The library, a page at a time, or (with q) the experts nearest a description."""
+    if q is not None and not 0 < len(q.strip()) <= settings.max_description_chars:
+        raise InvalidInput(f"q must be 1 to {settings.max_description_chars} characters", "q")
+    page = await run_in_threadpool(engine.experts_page, offset, limit, q)
+    return ExpertsResponse(**page)

@@ -56,6 +56,7 @@ def adapter_headers(adapter: AdapterFile, coverage: Coverage, cache: str | None,
         "X-Sample-Adapter-Ids": ",".join(adapter.adapter_ids),
         "X-Adapter-Downloadable": "true" if downloadable else "false",
         "X-Coverage": "none" if coverage.max_similarity is None else f"{coverage.max_similarity:.6f}",
+        "X-Store-Version": adapter.metadata.get("store_version", ""),  # the version that made this adapter
     }
     if cache is not None:
         headers["X-Cache"] = cache

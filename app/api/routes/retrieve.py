@@ -83,6 +83,7 @@ def _response(result: Retrieval) -> RetrieveResponse:
                        strategy=adapter.metadata.get("strategy") if adapter else None,
                        max_similarity=adapter.max_similarity if adapter else None)
     return RetrieveResponse(
+        store_version=result.store_version,
         adapter=used,
         images=[ImageRanking(index=i, texts=[Ranked(index=j, score=s) for j, s in row])
                 for i, row in enumerate(ranking.image_to_text)],
