@@ -39,7 +39,8 @@ from app.services.engine import Engine
 logger = logging.getLogger(__name__)
 PLAYGROUND_DIR = Path(__file__).parent / "static" / "playground"
 EXPOSED_HEADERS = ["X-Adapter-Id", "X-Sample-Adapter-Ids", "X-Adapter-Downloadable", "X-Cache", "X-Coverage",
-                   "X-Coverage-Warning", "X-Request-ID", "Retry-After", "X-Store-Version", "Content-Disposition"]
+                   "X-Coverage-Warning", "X-Request-ID", "Retry-After", "X-Store-Version",
+                   "Content-Disposition"]
 
 
 def load_settings() -> Settings:

@@ -9,6 +9,7 @@ rule, for every route present when the document is built (routes added later inh
   a route with a request body     400 (malformed), 413 (over the body limit), 415 (content type), 422
   a route with query parameters   422
   a route with path parameters    404 (unknown id), 422
+  /admin/*                        403 (admin routes switched off), 409 (the store version is refused)
 """
 
 from __future__ import annotations
@@ -37,8 +38,10 @@ class ErrorEnvelope(BaseModel):
 
 _DESCRIPTIONS = {
     400: "the body is malformed (not JSON, bad Content-Length)",
-    401: "missing or wrong X-API-Key (only when the server sets SGLORA_API_KEY)",
+    401: "missing or wrong X-API-Key (only when the server sets SGLORA_API_KEY); X-Admin-Key on /admin routes",
+    403: "admin routes are switched off (the server has no SGLORA_ADMIN_KEY)",
     404: "unknown or expired id",
+    409: "the store's new version cannot be served (corrupt, another base model); the served version stays",
     413: "the body is over the server's limit",
     415: "unsupported content type or image format",
     422: "a field's value is invalid; `field` names it",
@@ -72,6 +75,8 @@ def _statuses(path: str, operation: dict) -> set[int]:
         statuses.add(422)
     if "path" in kinds:
         statuses |= {404, 422}
+    if path.startswith("/admin"):
+        statuses |= {401, 403, 409}
     return statuses
 
 

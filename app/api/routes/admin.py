@@ -13,7 +13,7 @@ from app.schemas import ReloadResponse
 router = APIRouter(tags=["admin"], prefix="/admin")
 
 
-@router.post("/reload", response_model=ReloadResponse, responses={409: {"description": "the new version is refused"}})
+@router.post("/reload", response_model=ReloadResponse, name="reload_store")
 async def reload(engine: EngineDep) -> ReloadResponse:
     """Load the store's current version beside the served one, warm it up, then switch. Requests in flight finish on
     the version they started with; readiness stays 200. A version that fails to load is refused (409) and the

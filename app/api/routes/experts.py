@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
-from starlette.concurrency import run_in_threadpool
+from fastapi import APIRouter, Query, Request
 
-from app.api.deps import EngineDep, SettingsDep
+from app.api.deps import AdmissionDep, EngineDep, SettingsDep
 from app.core.errors import InvalidInput
 from app.schemas import ExpertsResponse
 
@@ -16,7 +15,9 @@ router = APIRouter(tags=["library"])
 
 @router.get("/experts", response_model=ExpertsResponse)
 async def experts(
+    request: Request,
     engine: EngineDep,
+    admission: AdmissionDep,
     settings: SettingsDep,
     q: Annotated[str | None, Query(description="a task description: returns the nearest experts with their "
                                                "cosine similarity, to check coverage before generating")] = None,
@@ -26,5 +27,6 @@ async def experts(
     """The library, a page at a time, or (with q) the experts nearest a description."""
     if q is not None and not 0 < len(q.strip()) <= settings.max_description_chars:
         raise InvalidInput(f"q must be 1 to {settings.max_description_chars} characters", "q")
-    page = await run_in_threadpool(engine.experts_page, offset, limit, q)
+    async with admission.slot(request.is_disconnected) as slot:  # ?q= runs the text encoder: admitted model work
+        page = await slot.run(engine.experts_page, offset, limit, q)
     return ExpertsResponse(**page)
