@@ -46,6 +46,10 @@ class Settings(BaseSettings):
         2.0, ge=0, description="after a Redis error, skip Redis for this long (requests go on as cache misses)"
     )
     cache_ttl_s: int = Field(7 * 24 * 3600, ge=1, description="TTL of cached generations and stored adapters")
+    generation_lock_ttl_s: float = Field(
+        30.0, gt=0, description="expiry of the Redis lock that makes replicas generate a key once: longer than a "
+                                "generation; a replica that dies while generating blocks the others at most this long"
+    )
     lru_max_entries: int = Field(512, ge=1, description="in-process cache size (entries), when no Redis")
 
     # --- limits ------------------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ class Metrics:
         self.cache_misses = Counter("sglora_cache_misses", "generation cache misses", ["backend"], registry=r)
         self.cache_coalesced = Counter("sglora_cache_coalesced",
                                        "requests that waited for an identical in-flight generation", registry=r)
+        self.cache_lock_waits = Counter("sglora_cache_lock_waits",
+                                        "misses that waited for another replica generating the same key", registry=r)
         self.cache_corrupt = Counter("sglora_cache_corrupt", "cache entries that failed to load and were replaced",
                                      registry=r)
         self.cache_errors = Counter("sglora_cache_errors", "cache backend errors (requests went on as misses)",

@@ -14,6 +14,12 @@ key generate once: the first request does the work, the others await its result 
 Adapter ids are different: a 200 that hands out an id promises that /adapters/{id} serves it. `store_durably`
 therefore ignores the backoff and retries on a fresh connection (a restarted Redis leaves dead sockets in the
 pool), and reports whether the write landed, so the response can say plainly when an id is not downloadable.
+
+Across processes (replicas sharing one Redis) the process's leader also takes the key's lock in Redis
+(`lock:gen:<key>`, redis-py's Lock: SET NX with an expiry, token-checked release) while it generates; a replica that
+finds the lock taken waits for it, then reads the cache again: the holder stored the value before releasing. The
+expiry bounds how long a replica that died mid-generation blocks the others. When Redis is down the lock is skipped
+and each process falls back to its own single-flight.
 """
 
 from __future__ import annotations
@@ -24,12 +30,14 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.exceptions import LockNotOwnedError
 
 from app.core.errors import CacheUnavailable
 from app.core.metrics import Metrics
@@ -90,6 +98,9 @@ class LRUBackend:
     async def get_durably(self, key: str) -> bytes | None:
         return await self.get(key)
 
+    def lock(self, name: str, ttl_s: float):
+        return None  # one process: its own single-flight is the whole story
+
     async def ping(self) -> bool:
         return True
 
@@ -130,6 +141,10 @@ class RedisBackend:
     async def get_durably(self, key: str) -> bytes | None:
         return await self.durable.get(self.prefix + key)
 
+    def lock(self, name: str, ttl_s: float):
+        """A lock shared by every process on this Redis and prefix; it expires after ttl_s if never released."""
+        return self.client.lock(self.prefix + name, timeout=ttl_s, sleep=0.05)
+
     async def ping(self) -> bool:
         return bool(await self.client.ping())
 
@@ -139,8 +154,9 @@ class RedisBackend:
 
 
 class Cache:
-    def __init__(self, backend, metrics: Metrics, ttl_s: int, backoff_s: float = 2.0):
+    def __init__(self, backend, metrics: Metrics, ttl_s: int, backoff_s: float = 2.0, lock_ttl_s: float = 30.0):
         self.backend, self.metrics, self.ttl_s, self.backoff_s = backend, metrics, ttl_s, backoff_s
+        self.lock_ttl_s = lock_ttl_s
         self._down_until = 0.0
         self._inflight: dict[str, asyncio.Future] = {}
 
@@ -230,9 +246,7 @@ class Cache:
                 self.metrics.cache_hits.labels(self.backend.name).inc()
                 status = "hit"
             else:
-                self.metrics.cache_misses.labels(self.backend.name).inc()
-                (value, item), status = await produce(), "miss"
-                await self.set(GEN, key, value)
+                item, status = await self._produce_once_across_replicas(key, produce, load)
             future.set_result((item, status))
             return item, status
         except BaseException as e:
@@ -244,6 +258,58 @@ class Cache:
             raise
         finally:
             self._inflight.pop(key, None)
+
+    async def _produce_once_across_replicas(self, key: str, produce: Callable[[], Awaitable[tuple[bytes, T]]],
+                                            load: Callable[[bytes], Awaitable[T | None]]) -> tuple[T, str]:
+        """A miss in this process: produce under the key's shared lock. A replica that had to wait for the lock
+        reads the cache again first; the holder stored its value before releasing, so that is a hit."""
+        async with self._shared_lock(key) as waited:
+            if waited:
+                value = await self.get(GEN, key)
+                item = await load(value) if value is not None else None
+                if item is not None:
+                    self.metrics.cache_hits.labels(self.backend.name).inc()
+                    return item, "hit"
+            self.metrics.cache_misses.labels(self.backend.name).inc()
+            value, item = await produce()
+            await self.set(GEN, key, value)
+            return item, "miss"
+
+    @asynccontextmanager
+    async def _shared_lock(self, key: str) -> AsyncIterator[bool]:
+        """Hold `lock:gen:<key>` on the backend, if it has one and answers; yields whether another holder was
+        waited for. Never fails a request: a backend error or a lock held past its expiry means going on without."""
+        lock = None if self.degraded else self.backend.lock(f"lock:{GEN}:{key}", self.lock_ttl_s)
+        waited = False
+        if lock is not None:
+            try:
+                if not await lock.acquire(blocking=False):
+                    waited = True
+                    self.metrics.cache_lock_waits.inc()
+                    # Wait a little over one expiry: by then the holder released it, or it died and the lock
+                    # expired (redis-py polls every 50 ms and may stop just short of the deadline).
+                    wait_s = self.lock_ttl_s * 1.1 + 0.5
+                    if not await lock.acquire(blocking=True, blocking_timeout=wait_s):
+                        logger.warning("generation lock %s… still taken after %.1fs; generating without it", key[:12],
+                                       wait_s)
+                        lock = None
+            except Exception as e:  # Redis down or slow: this process's own single-flight still holds
+                self._failed("lock", e)
+                lock = None
+        try:
+            yield waited
+        finally:
+            if lock is not None:
+                await self._release(lock, key)
+
+    async def _release(self, lock, key: str) -> None:
+        try:
+            await lock.release()
+        except LockNotOwnedError:  # it expired while generating and another replica may hold it now: not ours
+            logger.warning("generation lock %s… expired before the generation finished (SGLORA_GENERATION_LOCK_TTL_S"
+                           " = %.1fs is shorter than a generation)", key[:12], self.lock_ttl_s)
+        except Exception as e:  # it expires by itself
+            self._failed("unlock", e)
 
     async def ping(self) -> bool:
         try:
@@ -264,4 +330,4 @@ def make_cache(settings, metrics: Metrics) -> Cache:
                                settings.redis_connect_timeout_s)
     else:
         backend = LRUBackend(settings.lru_max_entries)
-    return Cache(backend, metrics, settings.cache_ttl_s, settings.redis_backoff_s)
+    return Cache(backend, metrics, settings.cache_ttl_s, settings.redis_backoff_s, settings.generation_lock_ttl_s)
