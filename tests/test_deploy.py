@@ -238,6 +238,7 @@ def test_replicated_profile_runs_replicas_behind_the_proxy_with_health_checks(co
     assert re.fullmatch(r"\$\{SGLORA_API_REPLICAS:-[2-9]\}|[2-9]", str(replica["deploy"]["replicas"]))
     env = _environment(replica)
     assert env["SGLORA_REDIS_URL"] == "redis://redis:6379/0", "one shared Redis: the replicas are stateless"
+    assert float(env["SGLORA_STORE_WATCH_S"]) > 0, "every replica follows the store's version pointer"
     mounts = [v for v in replica["volumes"] if isinstance(v, dict) and v.get("target") == STORE_IN_CONTAINER]
     assert len(mounts) == 1 and mounts[0]["read_only"] is True
     assert _gpu_devices(replica) == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]

@@ -93,6 +93,7 @@ def test_api_deployment_gpu_probes_store_and_redis():
     assert api["startupProbe"]["httpGet"]["path"] == "/health/ready"
     assert api["livenessProbe"]["httpGet"]["path"] == "/health/live"
     env = {e["name"]: e.get("value") for e in api["env"]}
+    assert float(env["SGLORA_STORE_WATCH_S"]) > 0, "replicas follow the shared store's version pointer"
     redis_host = re.fullmatch(r"redis://([\w-]+):(\d+)/\d+", env["SGLORA_REDIS_URL"])
     assert redis_host, env["SGLORA_REDIS_URL"]
     redis_service = _one("Service", redis_host.group(1))

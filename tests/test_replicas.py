@@ -5,13 +5,18 @@ installed (apt-get install nginx-light).
 - a generation on one replica is a cache hit on the other (same id, same bytes);
 - concurrent misses of one key spread over both replicas generate once (the Redis generation lock);
 - an adapter id handed out by one replica downloads from the other;
-- through nginx, requests reach both replicas and behave the same.
+- through nginx, requests reach both replicas and behave the same;
+- a store version switch (the version pointer moves, SGLORA_STORE_WATCH_S) is picked up by both replicas, each
+  response made wholly by one version (its trace routes only to that version's experts), and the cache never
+  serves an adapter of the old version for the new one.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -23,6 +28,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from app.ml.store import migrate_store, read_manifest
+from app.services.generator import read_metadata
+from offline.import_experts import remove_experts
 
 from .test_deploy import nginx_executable, nginx_main_config
 from .test_service_support import REDIS_URL, drop_prefix, redis_client
@@ -71,15 +80,20 @@ def stop(process: subprocess.Popen) -> None:
 def start_replica(store: Path, prefix: str, port: int, log: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SGLORA_")}
     env |= {"PYTHONPATH": str(ROOT), "SGLORA_STORE_PATH": str(store), "SGLORA_DEVICE": "cpu",
-            "SGLORA_REDIS_URL": REDIS_URL, "SGLORA_REDIS_PREFIX": prefix, "OMP_NUM_THREADS": "1"}
+            "SGLORA_REDIS_URL": REDIS_URL, "SGLORA_REDIS_PREFIX": prefix, "OMP_NUM_THREADS": "1",
+            "SGLORA_STORE_WATCH_S": "0.2"}
     return spawn([sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port),
                   "--log-level", "warning"], log, cwd=ROOT, env=env)
 
 
 @pytest.fixture(scope="module")
 def replicas(tiny_build, tmp_path_factory):
-    """(url of replica A, url of replica B, url of nginx in front of both or None)."""
+    """(url of replica A, url of replica B, url of nginx in front of both or None, the shared store)."""
     redis_client()  # fails the test with a clear message when no Redis answers
+    store = tmp_path_factory.mktemp("shared") / "store"  # a copy: the last test publishes a new version into it
+    shutil.copytree(tiny_build.out, store)
+    if read_manifest(store)["format_version"] == 1:  # a store reused from before format 2 (SGLORA_TEST_STORE)
+        migrate_store(store)
     prefix = f"sglora-test-replicas:{uuid.uuid4().hex[:12]}:"
     ports = [free_port(), free_port()]
     logs = tmp_path_factory.mktemp("replica-logs")
@@ -87,7 +101,7 @@ def replicas(tiny_build, tmp_path_factory):
         stack.callback(drop_prefix, prefix)
         processes = []
         for port in ports:
-            processes.append(start_replica(tiny_build.out, prefix, port, logs / f"uvicorn-{port}.log"))
+            processes.append(start_replica(store, prefix, port, logs / f"uvicorn-{port}.log"))
             stack.callback(stop, processes[-1])
         urls = [f"http://127.0.0.1:{p}" for p in ports]
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -103,7 +117,7 @@ def replicas(tiny_build, tmp_path_factory):
             stack.callback(stop, process)
             proxy = f"http://127.0.0.1:{port}"
             wait_ready(proxy, process, time.monotonic() + 30, path="/nginx-health")
-        yield urls[0], urls[1], proxy
+        yield urls[0], urls[1], proxy, store
 
 
 def counter(url: str, name: str) -> float:
@@ -121,7 +135,7 @@ def generate(url: str, description: str, **extra) -> httpx.Response:
 
 
 def test_a_generation_on_one_replica_is_a_cache_hit_on_the_other(replicas):
-    a, b, _ = replicas
+    a, b, _, _ = replicas
     description = f"a photo of a red circle {uuid.uuid4().hex[:6]}"
     first = generate(a, description)
     second = generate(b, description)
@@ -131,7 +145,7 @@ def test_a_generation_on_one_replica_is_a_cache_hit_on_the_other(replicas):
 
 
 def test_an_adapter_id_from_one_replica_downloads_from_the_other(replicas):
-    a, b, _ = replicas
+    a, b, _, _ = replicas
     response = httpx.post(a + "/generate-lora", headers={"accept": "application/json"}, timeout=120,
                           json={"description": f"a photo of a blue star {uuid.uuid4().hex[:6]}", "num_samples": 3})
     assert response.status_code == 200, response.text
@@ -144,7 +158,7 @@ def test_an_adapter_id_from_one_replica_downloads_from_the_other(replicas):
 
 
 def test_concurrent_misses_across_replicas_generate_once(replicas):
-    a, b, _ = replicas
+    a, b, _, _ = replicas
     before = counter(a, "sglora_generations_total") + counter(b, "sglora_generations_total")
     description = f"a photo of a green ring {uuid.uuid4().hex[:6]}"
     targets = [a, b] * 4  # 8 requests for one key, 4 on each replica, all in flight together
@@ -157,7 +171,7 @@ def test_concurrent_misses_across_replicas_generate_once(replicas):
 
 
 def test_through_nginx_both_replicas_serve(replicas):
-    a, b, proxy = replicas
+    a, b, proxy, _ = replicas
     if proxy is None:
         pytest.skip("no nginx binary here (apt-get install nginx-light): the replicas were tested directly")
     description = f"a photo of a yellow cross {uuid.uuid4().hex[:6]}"
@@ -170,3 +184,34 @@ def test_through_nginx_both_replicas_serve(replicas):
     # Round robin: each replica answered some of the proxied requests (the metrics scrapes add one each).
     grew = [counter(u, "sglora_http_requests_total") - before for u, before in zip((a, b), served, strict=True)]
     assert all(g >= 2 for g in grew), f"requests per replica through nginx: {grew}"
+
+
+def served_version(url: str) -> str:
+    return httpx.get(url + "/health/ready", timeout=10).json()["store_version"]
+
+
+def test_both_replicas_follow_a_store_version_switch(replicas):  # last: it publishes a new version of the store
+    a, b, _, store = replicas
+    old = served_version(a)
+    assert served_version(b) == old
+    description = "a photo of a red circle"
+    before = generate(a, description, strategy="topk_weighted")
+    victim = json.loads(read_metadata(before.content)["trace"])["expert_ids"][0]
+    new = remove_experts(store, [victim])["version"]  # the version pointer moves; nobody calls the replicas
+    deadline = time.monotonic() + 60
+    while {served_version(a), served_version(b)} != {new} and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert served_version(a) == served_version(b) == new != old
+
+    after_a = generate(a, description, strategy="topk_weighted")
+    after_b = generate(b, description, strategy="topk_weighted")
+    assert (after_a.headers["x-cache"], after_b.headers["x-cache"]) == ("miss", "hit"), "old entries are not reused"
+    assert after_a.content == after_b.content
+    for response, version in ((before, old), (after_a, new), (after_b, new)):
+        metadata = read_metadata(response.content)
+        experts = json.loads(metadata["trace"])["expert_ids"]
+        assert metadata["store_version"] == response.headers["x-store-version"] == version
+        assert (victim in experts) == (version == old), f"{version} routed to {experts}: a mix of versions"
+    # An id handed out under the old version still downloads from the other replica.
+    old_id = before.headers["x-adapter-id"]
+    assert httpx.get(f"{b}/adapters/{old_id}", timeout=30).content == before.content
