@@ -243,7 +243,7 @@ def memory_probe(store: Path, tree: Path, runner: str, env: dict[str, str], imag
 def _machine() -> str:
     load = os.getloadavg()
     return (f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, load average "
-            f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} (1/5/15 min) at start")
+            f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} (1/5/15 min)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--after", type=float, default=10.0, help="seconds after the request to read RSS again")
     args = parser.parse_args(argv)
     env = dict(kv.split("=", 1) for kv in args.env)
-    print(f"machine: {_machine()}")
+    print(f"machine at start: {_machine()}")
     if args.memory:
         m = memory_probe(args.store, args.tree.resolve(), args.runner, env, args.images, args.side, args.after)
         print(f"| request | status | time s | server CPU s | RSS before MiB | peak MiB | after {args.after:g} s MiB "
