@@ -31,6 +31,7 @@ def heavy_body():
 
 
 LIGHT = {"description": "a photo of a small red circle", "strategy": "topk_weighted"}
+SHUTDOWN_DELAY_S = 1.5
 HEAVY_SETTINGS = {"max_request_pixels": HEAVY_IMAGES * 4096 * 4096, "decode_workers": 1}
 
 
@@ -52,7 +53,7 @@ def in_background(fn):
 def limited(tiny_build, tmp_path_factory):
     """One slot and no queue."""
     with Server(tiny_build.out, tmp_path_factory.mktemp("limited"), max_concurrent_work=1, max_queued_work=0,
-                **HEAVY_SETTINGS) as server:
+                shutdown_delay_s=SHUTDOWN_DELAY_S, shutdown_grace_s=60, **HEAVY_SETTINGS) as server:
         yield server
 
 
@@ -88,23 +89,6 @@ def test_over_the_limit_is_a_fast_503_with_retry_after_and_disconnects_are_not_5
     assert server.metric("sglora_http_requests_in_flight") == 1  # this /metrics request itself
 
 
-def test_sigterm_turns_readiness_503_while_an_in_flight_request_completes(tiny_build, tmp_path, heavy_body):
-    with Server(tiny_build.out, tmp_path, shutdown_delay_s=1.5, shutdown_grace_s=60, **HEAVY_SETTINGS) as server:
-        heavy, result = in_background(lambda: httpx.post(server.url + "/retrieve", json=heavy_body, timeout=120))
-        wait_for(lambda: server.metric("sglora_work_running") == 1, what="the request to be in flight")
-        server.process.send_signal(signal.SIGTERM)
-        t0 = time.monotonic()
-        ready = httpx.get(server.url + "/health/ready", timeout=5)
-        assert ready.status_code == 503 and ready.json()["status"] == "draining"
-        assert time.monotonic() - t0 < 1.0
-        # Still serving during the delay (the load balancer has not caught up yet).
-        assert httpx.post(server.url + "/generate-lora", json=LIGHT, timeout=30).status_code == 200
-        heavy.join(120)
-        assert result["value"].status_code == 200 and len(result["value"].json()["images"]) == HEAVY_IMAGES
-        assert server.process.wait(timeout=60) == 0
-        assert time.monotonic() - t0 >= 1.5  # it did wait the configured delay
-
-
 def test_logs_are_json_lines_with_request_ids_and_an_access_line(limited):
     server = limited
     r = httpx.post(server.url + "/generate-lora", json=LIGHT, headers={"X-Request-ID": "req-42"}, timeout=30)
@@ -121,3 +105,21 @@ def test_logs_are_json_lines_with_request_ids_and_an_access_line(limited):
     assert (line["route"], line["status"], line["cache"], line["strategy"]) == (
         "/generate-lora", 200, "miss", "topk_weighted")
     assert line["latency_ms"] > 0 and line["level"] == "info"
+
+
+def test_sigterm_turns_readiness_503_while_an_in_flight_request_completes(limited, heavy_body):
+    """Last in this module: it stops the server."""
+    server = limited
+    heavy, result = in_background(lambda: httpx.post(server.url + "/retrieve", json=heavy_body, timeout=120))
+    wait_for(lambda: server.metric("sglora_work_running") == 1, what="the request to be in flight")
+    server.process.send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    ready = httpx.get(server.url + "/health/ready", timeout=5)
+    assert ready.status_code == 503 and ready.json()["status"] == "draining"
+    assert time.monotonic() - t0 < 1.0
+    # Still serving during the delay (the load balancer has not caught up yet): a cache hit needs no slot.
+    assert httpx.post(server.url + "/generate-lora", json=LIGHT, timeout=30).headers["x-cache"] == "hit"
+    heavy.join(120)
+    assert result["value"].status_code == 200 and len(result["value"].json()["images"]) == HEAVY_IMAGES
+    assert server.process.wait(timeout=60) == 0
+    assert time.monotonic() - t0 >= SHUTDOWN_DELAY_S  # it did wait the configured delay

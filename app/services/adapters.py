@@ -7,6 +7,7 @@ client plainly that an id is not downloadable instead of a silent 404 later.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -94,7 +95,8 @@ class AdapterService:
 
         async def load(data: bytes) -> _Entry | None:
             try:
-                primary = self._parse(data, store.version)
+                # Off the loop: loading the tensors and checking them is CPU work on every cache hit.
+                primary = await asyncio.to_thread(self._parse, data, store.version)
             except InvalidAdapter as e:
                 logger.warning("cached adapter rejected: %s", e)
                 return None
@@ -129,6 +131,6 @@ class AdapterService:
         """A stored adapter, checked against the served model (it may come from an older store version)."""
         data = await self.fetch_bytes(adapter_id)
         try:
-            return self._parse(data, None)
+            return await asyncio.to_thread(self._parse, data, None)
         except InvalidAdapter as e:
             raise InvalidInput(f"adapter {adapter_id} cannot be applied to the served model: {e}", "adapter_id") from e
