@@ -142,11 +142,11 @@ def test_concurrent_misses_of_one_key_generate_once(served, monkeypatch):
     calls, lock = [], threading.Lock()
     real = adapters_module.generate_files
 
-    def slow_generate(engine, params, query=None):
+    def slow_generate(engine, params, *rest):  # rest: whatever else generate_files takes (query, store)
         with lock:
             calls.append(params)
         time.sleep(0.5)  # keep the first generation in flight while the others arrive
-        return real(engine, params, query)
+        return real(engine, params, *rest)
 
     monkeypatch.setattr(adapters_module, "generate_files", slow_generate)
     coalesced0 = metric(client, "sglora_cache_coalesced_total")
