@@ -22,6 +22,7 @@ from app.services.admission import Admission, Slot
 from app.services.batching import MicroBatcher
 from app.services.cache import ADAPTER, Cache, cache_key
 from app.services.engine import Engine
+from app.services.export import Export, export_adapter
 from app.services.generator import (
     AdapterFile,
     GenerationParams,
@@ -116,6 +117,15 @@ class AdapterService:
             logger.error("adapter %s could not be stored; the response says it is not downloadable",
                          primary.adapter_id)
         return Generated(primary, status, stored and entry.samples_stored)
+
+    async def export(self, adapter: AdapterFile, fmt: str,
+                     disconnected: Callable[[], Awaitable[bool]] | None = None) -> Export:
+        """The adapter in `fmt`. The native file is at hand; the other formats are built (PEFT folder, or the
+        base weights with the adapter merged: model-sized) in an admission slot, like any other model work."""
+        if fmt == "safetensors":
+            return export_adapter(self.engine, adapter, fmt)
+        async with self.admission.slot(disconnected) as slot:
+            return await slot.run(export_adapter, self.engine, adapter, fmt)
 
     async def fetch_bytes(self, adapter_id: str) -> bytes:
         if not _ADAPTER_ID.fullmatch(adapter_id):

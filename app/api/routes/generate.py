@@ -6,13 +6,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
-from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import AdaptersDep, EngineDep, SettingsDep
 from app.schemas import Coverage, GenerateRequest, GenerateResponse
-from app.services.adapters import Generated
-from app.services.engine import Engine
-from app.services.export import ExportFormat, download_urls, export_adapter
+from app.services.adapters import AdapterService, Generated
+from app.services.export import ExportFormat, download_urls
 from app.services.generator import AdapterFile, resolve_params
 
 router = APIRouter(tags=["adapters"])
@@ -65,8 +63,8 @@ def adapter_headers(adapter: AdapterFile, coverage: Coverage, cache: str | None,
     return headers
 
 
-async def adapter_response(request: Request, engine: Engine, settings, adapter: AdapterFile, cache: str | None,
-                           downloadable: bool, fmt: str = "safetensors"):
+async def adapter_response(request: Request, adapters: AdapterService, settings, adapter: AdapterFile,
+                           cache: str | None, downloadable: bool, fmt: str = "safetensors"):
     coverage = coverage_of(adapter, settings.coverage_warning_below)
     headers = adapter_headers(adapter, coverage, cache, downloadable)
     if wants_json(request):
@@ -78,7 +76,7 @@ async def adapter_response(request: Request, engine: Engine, settings, adapter: 
                                 metadata=adapter.metadata)
         del headers["Content-Disposition"]
         return Response(body.model_dump_json(), media_type="application/json", headers=headers)
-    export = await run_in_threadpool(export_adapter, engine, adapter, fmt)
+    export = await adapters.export(adapter, fmt, request.is_disconnected)
     headers["Content-Disposition"] = f'attachment; filename="{export.filename}"'
     return Response(export.data, media_type=export.media_type, headers=headers)
 
@@ -91,7 +89,7 @@ async def generate_lora(body: GenerateRequest, request: Request, engine: EngineD
                             k=body.k, tau=body.tau, seed=body.seed, num_samples=body.num_samples,
                             settings=settings, library_size=engine.library_size)
     generated: Generated = await adapters.generate(params, disconnected=request.is_disconnected)
-    return await adapter_response(request, engine, settings, generated.adapter, generated.cache, generated.stored,
+    return await adapter_response(request, adapters, settings, generated.adapter, generated.cache, generated.stored,
                                   format)
 
 
@@ -100,4 +98,4 @@ async def download_adapter(adapter_id: str, request: Request, engine: EngineDep,
                            settings: SettingsDep, format: FormatQuery = "safetensors") -> Response:
     """A previously generated adapter, while it is stored (TTL); 404 once unknown or expired."""
     adapter = await adapters.fetch(adapter_id)
-    return await adapter_response(request, engine, settings, adapter, None, True, format)
+    return await adapter_response(request, adapters, settings, adapter, None, True, format)
