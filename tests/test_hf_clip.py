@@ -64,6 +64,9 @@ def test_peft_state_dict_round_trips_exactly(scaling):
     layout = layout_from_model_config(TINY, config)
     vector = random_vector(layout)
     files = peft_adapter_files(layout, config, vector, None)
+    meta = {f"key{i}": str(i) for i in range(8)}  # several metadata keys: hash order must not leak into the bytes
+    assert len({peft_adapter_files(layout, config, vector, None, meta)["adapter_model.safetensors"]
+                for _ in range(5)}) == 1
     import json
 
     from safetensors.torch import load as load_bytes

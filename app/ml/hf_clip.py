@@ -48,8 +48,8 @@ import math
 import re
 
 import torch
-from safetensors.torch import save as save_safetensors
 
+from app.ml.canonical import canonical_safetensors
 from app.ml.lora import PROJECTIONS, TOWER_BLOCKS, LayoutMismatchError, LoRAConfig, LoRALayout
 
 HF_BLOCKS = {"vision": "vision_model.encoder.layers", "text": "text_model.encoder.layers"}
@@ -153,7 +153,8 @@ def peft_adapter_files(layout: LoRALayout, config: LoRAConfig, vector: torch.Ten
     tensors = vector_to_peft_state_dict(layout, vector.detach().float().cpu())
     return {
         "adapter_config.json": (json.dumps(adapter_config, indent=2) + "\n").encode(),
-        "adapter_model.safetensors": save_safetensors(tensors, metadata=(metadata or {}) | {"format": "pt"}),
+        # canonical: one adapter, one byte string (safetensors writes its metadata in hash order)
+        "adapter_model.safetensors": canonical_safetensors(tensors, metadata=(metadata or {}) | {"format": "pt"}),
     }
 
 

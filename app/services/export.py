@@ -12,8 +12,7 @@ import zipfile
 from dataclasses import dataclass
 from typing import Literal
 
-from safetensors.torch import save as save_safetensors
-
+from app.ml.canonical import canonical_safetensors
 from app.ml.hf_clip import hf_base_model_name, peft_adapter_files
 from app.ml.lora import merged_state_dict
 from app.services.engine import Engine
@@ -86,7 +85,7 @@ def merged_open_clip(engine: Engine, adapter: AdapterFile) -> bytes:
                 "base_weights_id": engine.backbone.weights_id, "adapter_id": adapter.adapter_id,
                 "description": meta.get("description", ""), "strategy": meta.get("strategy", ""),
                 "trace": meta.get("trace", "null")}
-    return save_safetensors({k: v.contiguous() for k, v in state.items()}, metadata=metadata)
+    return canonical_safetensors({k: v.contiguous() for k, v in state.items()}, metadata=metadata)
 
 
 def download_urls(base_url: str) -> dict[str, str]:
