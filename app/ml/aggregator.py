@@ -241,11 +241,13 @@ def _mixture_moments(
     Computed in float64 and returned in the bank's dtype: the between-expert term subtracts
     nearly equal numbers when experts agree, and K·D is small enough that precision is free.
     """
-    alpha_k1 = torch.as_tensor(alpha_k, dtype=torch.float64, device=mu_kd.device).unsqueeze(1)
+    # α [K] @ x [K, D] rather than (α[:, None] * x).sum(0): the same sums, ~10x faster at D = 110,592 (a
+    # reduction across rows of a [K, D] tensor is strided; a vector-matrix product is one BLAS call).
+    alpha_k = torch.as_tensor(alpha_k, dtype=torch.float64, device=mu_kd.device)
     mu64_kd, var64_kd = mu_kd.double(), var_kd.double()
-    mu_d = (alpha_k1 * mu64_kd).sum(dim=0)
-    within_d = (alpha_k1 * var64_kd).sum(dim=0)  # E[Var | k]: the experts' own checkpoint spread
-    between_d = (alpha_k1 * (mu64_kd - mu_d).square()).sum(dim=0)  # Var[E | k]: their disagreement
+    mu_d = alpha_k @ mu64_kd
+    within_d = alpha_k @ var64_kd  # E[Var | k]: the experts' own checkpoint spread
+    between_d = alpha_k @ (mu64_kd - mu_d).square_()  # Var[E | k]: their disagreement
     return mu_d.to(mu_kd.dtype), (within_d + between_d).to(var_kd.dtype)
 
 
@@ -274,10 +276,10 @@ def _chunked_moments(bank: ExpertBank, rows: list[int], alpha_k: np.ndarray) -> 
     mu_d = within_d = between_d = 0
     for c in chunks:
         mu_kd, var_kd = bank.gather(rows[c])
-        mu_d = mu_d + (alpha[c, None] * mu_kd.double()).sum(0)
-        within_d = within_d + (alpha[c, None] * var_kd.double()).sum(0)
+        mu_d = mu_d + alpha[c] @ mu_kd.double()
+        within_d = within_d + alpha[c] @ var_kd.double()
     for c in chunks:
-        between_d = between_d + (alpha[c, None] * (bank.gather(rows[c])[0].double() - mu_d).square()).sum(0)
+        between_d = between_d + alpha[c] @ (bank.gather(rows[c])[0].double() - mu_d).square_()
     return mu_d.float(), (within_d + between_d).float()
 
 
