@@ -39,3 +39,14 @@ def test_generation_benchmark_runs_on_the_tiny_store(tiny_build):
     assert {"zero_shot", "topk_weighted", "sglora"} <= set(by_strategy)
     assert by_strategy["zero_shot"]["ratio"] == 1.0
     assert all(_positive(r["e2e_ms"]) and _positive(r["ratio"]) for r in rows)
+
+
+def test_library_benchmark_runs_small(tmp_path):
+    from bench import library
+
+    library.build_store(tmp_path / "lib", 3, "float16")  # ViT-B/16-sized rows, three of them
+    row = library.measure_store(tmp_path / "lib", requests=4, k=2, in_memory=False)
+    assert row["bytes"] > 3 * library.VIT_B16_D * 2 * 2 and _positive(row["p50_ms"]) and row["open_s"] > 0
+    routing = library.run_routing([300], queries=20, k=4)[0]
+    assert routing["index"] == "Flat" and routing["recall@4"] == 1.0  # below the threshold: exact
+    assert "| 300 | Flat |" in library._routing_row(routing, 4)
