@@ -122,6 +122,11 @@ def measure_store(path: Path, requests: int, k: int, in_memory: bool) -> dict:
         aggregate_experts(store.bank, q, k=k, tau=0.05)
         times.append(time.perf_counter() - t)
     rss_req = rss_bytes()
+    warm = []  # the same requests again: every row they touch is verified already (first use hashes the row)
+    for q in queries:
+        t = time.perf_counter()
+        aggregate_experts(store.bank, q, k=k, tau=0.05)
+        warm.append(time.perf_counter() - t)
     anon, file = rss_split_mb()
     segments = store.manifest["library"]["segments"]
     t = time.perf_counter()  # the format-1 way: hash every byte of the statistics at start-up
@@ -134,6 +139,7 @@ def measure_store(path: Path, requests: int, k: int, in_memory: bool) -> dict:
     return {"open_s": open_s, "rss_open_mb": (rss_open - rss0) / 2**20, "rss_requests_mb": (rss_req - rss0) / 2**20,
             "rss_requests_anon_mb": anon - anon0, "rss_requests_file_mb": file - file0,
             "p50_ms": 1e3 * statistics.median(times), "p95_ms": 1e3 * float(np.percentile(times, 95)),
+            "warm_p50_ms": 1e3 * statistics.median(warm),
             "full_hash_s": full_hash_s, "bytes": sum(s["bytes"] for s in segments)}
 
 
@@ -165,15 +171,15 @@ def run_library(root: Path, sizes: list[int], dtypes: list[str], requests: int, 
 
 
 LIB_HEADER = ("| experts | dtype | storage | on disk GB | open s | full-hash s (v1 start) | open / full-hash "
-              "| RSS after open MB | RSS after requests MB (heap + mapped) | agg p50 ms | agg p95 ms |\n"
-              + "|---" * 11 + "|")
+              "| RSS after open MB | RSS after requests MB (heap + mapped) | agg p50 ms | agg p95 ms "
+              "| agg p50 ms, rows verified |\n" + "|---" * 12 + "|")
 
 
 def _library_row(r: dict) -> str:
     return (f"| {r['experts']:,} | {r['dtype']} | {r['storage']} | {r['bytes'] / 1e9:.2f} | {r['open_s']:.3f} | "
             f"{r['full_hash_s']:.2f} | {r['open_s'] / r['full_hash_s']:.3f} | {r['rss_open_mb']:.0f} | "
             f"{r['rss_requests_mb']:.0f} ({r['rss_requests_anon_mb']:.0f} + {r['rss_requests_file_mb']:.0f}) | "
-            f"{r['p50_ms']:.2f} | {r['p95_ms']:.2f} |")
+            f"{r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['warm_p50_ms']:.2f} |")
 
 
 # ------------------------------------------------------------------------------------------- (b) routing
