@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -254,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     faiss.omp_set_num_threads(1)  # single-query latency on a shared machine: one thread, as the service uses
     print(f"# sglora bench.library: {platform.machine()}, {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.1f}, faiss {faiss.__version__}, torch {torch.__version__}, CPU, 1 thread", flush=True)
+    # `timeout` sends SIGTERM, whose default action skips `finally`: turn it into an exit so the stores are removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     root = Path(tempfile.mkdtemp(prefix="sglora-bench-library-", dir=args.dir))
     results = {}
     try:
