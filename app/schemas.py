@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 from app.ml.aggregator import TAU_MIN
-from app.ml.strategies import STRATEGIES
+from app.ml.strategies import STRATEGIES, check_strategy
 
 # The largest integer every JSON reader keeps exact (JavaScript, float64 parsers): a seed past it would be
 # rounded by some clients, and the schema bound itself cannot be checked exactly beyond it.
@@ -26,14 +26,8 @@ def _encodable(value: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_encodable)]
-# Validated by `_check_strategy` (its message lists the choices); the schema shows them as an enum.
+# Validated by `check_strategy` (its message lists the choices); the schema shows them as an enum.
 StrategyName = Annotated[str, WithJsonSchema({"type": "string", "enum": sorted(STRATEGIES)})]
-
-
-def _check_strategy(value: str) -> str:
-    if value not in STRATEGIES:
-        raise ValueError(f"unknown strategy {value!r}; choose one of {sorted(STRATEGIES)}")
-    return value
 
 
 class GenerationOptions(BaseModel):
@@ -45,11 +39,13 @@ class GenerationOptions(BaseModel):
     tau: float | None = Field(None, ge=TAU_MIN, allow_inf_nan=False,
                               description="softmax temperature (default: server's)")
     seed: int = Field(0, ge=0, le=SEED_MAX, description="CVAE sampling seed: same seed, same adapter")
+    gate: bool = Field(True, description="when the store's confidence gate predicts no expert helps this task, "
+                                         "serve zero-shot (B = 0) and say why; false: the strategy's adapter anyway")
 
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, value: str | None) -> str | None:
-        return None if value is None else _check_strategy(value)
+        return None if value is None else check_strategy(value)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -84,6 +80,8 @@ class GenerateResponse(BaseModel):
     strategy: str
     trace: dict | None = Field(description="expert_ids, descriptions, similarities, weights, max_similarity")
     coverage: Coverage
+    gated: str | None = Field(None, description="why the confidence gate served zero-shot (B = 0) instead of "
+                                                "the strategy's adapter; null when it did not")
     metadata: dict[str, str]
 
 
@@ -122,6 +120,7 @@ class AdapterUsed(BaseModel):
     cache: Literal["hit", "miss"] | None = None
     strategy: str | None = None
     max_similarity: float | None = None
+    gated: str | None = Field(None, description="why the confidence gate fell back to zero-shot (null: it did not)")
 
 
 class RetrieveResponse(BaseModel):
@@ -147,8 +146,11 @@ class ExpertsResponse(BaseModel):
     index: dict | None = Field(None, description="the routing index: factory, search breadth, recall@4 vs exact")
     experts: list[Expert]
     # How the store's CVAE was trained (manifest cvae.info), null without one. best_step 0 means early stopping
-    # kept the untrained residual decoder: sglora then returns the top-K weighted merge µ*, whatever the seed.
+    # kept the untrained residual decoder: sglora then returns its prior's µ*, whatever the seed.
     cvae: dict | None = None
+    # What the store's leave-one-task-out validation chose (default strategy, K/τ per strategy, gate, router) and
+    # the figures behind it; null for a store built before validation.
+    routing: dict | None = None
 
 
 class ReloadResponse(BaseModel):

@@ -39,7 +39,7 @@ def _config(config: Path | None, tiny: bool) -> BuildConfig:
 def build(config: Path | None = ConfigOpt, tiny: bool = TinyOpt, out: Path = OutOpt, engine: str = EngineOpt,
           address: str | None = AddressOpt, task_cpus: float = TaskCpusOpt, task_gpus: float = TaskGpusOpt,
           max_retries: int = RetriesOpt) -> None:
-    """Everything: train-experts → build-library → train-cvae."""
+    """Everything: train-experts → build-library → validate → train-cvae."""
     build_config = _config(config, tiny)
     with _engine(engine, address, task_cpus, task_gpus, max_retries) as eng:
         typer.echo(json.dumps(pipeline.build(build_config, out, engine=eng), indent=2))
@@ -80,6 +80,17 @@ def _engine(name: str, address: str | None, task_cpus: float, task_gpus: float, 
 def build_library(config: Path | None = ConfigOpt, tiny: bool = TinyOpt, out: Path = OutOpt) -> None:
     version = pipeline.step_build_library(pipeline.make_context(_config(config, tiny), out))
     typer.echo(f"wrote store {out} version {version} (no CVAE yet)")
+
+
+@cli.command()
+def validate(config: Path | None = ConfigOpt, tiny: bool = TinyOpt, out: Path = OutOpt, engine: str = EngineOpt,
+             address: str | None = AddressOpt, task_cpus: float = TaskCpusOpt, task_gpus: float = TaskGpusOpt,
+             max_retries: int = RetriesOpt) -> None:
+    """Transfer matrix (on the engine) + transfer router + every choice by leave-one-task-out retrieval."""
+    ctx = pipeline.make_context(_config(config, tiny), out)
+    with _engine(engine, address, task_cpus, task_gpus, max_retries) as eng:
+        version = pipeline.step_validate(ctx, engine=eng)
+    typer.echo(f"wrote store {out} version {version} with its validation (run train-cvae next)")
 
 
 @cli.command("train-cvae")
@@ -147,7 +158,7 @@ def evaluate(
     tiny: bool = TinyOpt,
     preset: str | None = typer.Option(None, "--preset", help="a named build config: tiny | paper-synthetic"),
     out: Path = typer.Option(Path("reports/eval"), "--out", help="report directory (stores go to <out>/seed<i>)"),
-    seeds: list[int] = typer.Option([0], "--seeds", help="one or more seeds: --seeds 0 1 2"),
+    seeds: list[int] = typer.Option([0, 1, 2, 3, 4], "--seeds", help="one or more seeds (default 5): --seeds 0 1 2"),
     eval_dataset: Path | None = typer.Option(None, "--eval-dataset",
                                              help="DatasetConfig JSON of dataset B: cross-dataset mode"),
     store: Path | None = typer.Option(None, "--store", help="evaluate this built store (one seed) instead"),

@@ -61,6 +61,7 @@ class BuildConfig:
     tau: float = 0.05
     index_factory: str = "auto"  # faiss factory string, or "auto": exact up to a library size, IVF above
     library_dtype: str = "float32"  # expert statistics on disk: float32 | float16 (aggregation stays float32)
+    transfer_nearest: int | None = None  # transfer matrix: each seen task × its N nearest experts (None: all)
     cvae: CVAETrainingConfig = field(default_factory=CVAETrainingConfig)
 
     def to_dict(self) -> dict:

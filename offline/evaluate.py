@@ -38,8 +38,8 @@ from app.ml.aggregator import route
 from app.ml.backbone import Backbone, load_backbone
 from app.ml.lora import LoRALayout, inject_lora
 from app.ml.retrieval import embed_pairs, recall_at_k, same_caption_mask
-from app.ml.store import Store, StoreError, load_store
-from app.ml.strategies import GenerationRequest, generate_adapters
+from app.ml.store import Store, StoreError, load_store, routing_record
+from app.ml.strategies import GenerationRequest, default_strategy, generate_adapters
 from offline import pipeline
 from offline.config import TINY, BuildConfig, DatasetConfig, TaskSplit, load_tasks, split_dataset
 from offline.data import Task
@@ -49,8 +49,12 @@ logger = logging.getLogger(__name__)
 
 Grid = dict[str, dict[str, float]]
 
-STRATEGY_ORDER = ("zero_shot", "model_soup", "adapter_soup", "topk_weighted", "sglora", "sglora_mean", "oracle")
-CHECKED = ("topk_weighted", "sglora_mean")  # deterministic strategies the checks vary
+# "default" is what the service serves: the store's validated default strategy, with its confidence gate. Every
+# other row is the raw strategy (gate off), with the K/τ the store's validation chose for it.
+STRATEGY_ORDER = ("zero_shot", "model_soup", "adapter_soup", "topk_weighted", "delta_merge", "transfer_routed",
+                  "sglora", "sglora_mean", "default", "oracle")
+CHECKED = ("topk_weighted", "delta_merge", "transfer_routed", "default")  # deterministic strategies the checks vary
+DEFAULT = "default"
 R1 = "mR@1"  # mean of I2T and T2I R@1: the single number headroom and the checks use
 
 # The tiny preset already is the paper-sized synthetic setup (40 seen + 8 unseen tasks, 80 training and 60
@@ -116,6 +120,7 @@ class Evaluator:
         self.store, self.backbone, self.layout = store, backbone, layout
         self.config, self.seed, self.eval_cfg, self.oracle_dir = config, seed, eval_cfg, oracle_dir
         self._r1: dict[tuple, float] = {}
+        self.gated: set[tuple[str, bytes]] = set()  # (row, query) pairs the gate sent to zero-shot
 
     def prepare(self, task: Task, test_pairs: Sequence) -> EvalTask:
         pixels, tokens = encode_pairs(self.backbone, test_pairs)
@@ -130,9 +135,16 @@ class Evaluator:
                  exclude: Sequence[str] = (), num_samples: int = 1) -> list[torch.Tensor | None]:
         if strategy == "zero_shot":
             return [None] * num_samples  # the base model itself (B = 0 adds nothing)
-        request = GenerationRequest(query=query, k=k or self.config.k, tau=tau or self.config.tau, seed=self.seed,
-                                    num_samples=num_samples, exclude=tuple(exclude))
-        return list(generate_adapters(self.store, strategy, request).vectors)
+        served = strategy == DEFAULT
+        request = GenerationRequest(query=query, k=k, tau=tau, seed=self.seed, num_samples=num_samples,
+                                    exclude=tuple(exclude), gate=served)
+        name = default_strategy(self.store) if served else strategy
+        if name == "zero_shot":
+            return [None] * num_samples
+        generation = generate_adapters(self.store, name, request)
+        if generation.gated:
+            self.gated.add((strategy, query.tobytes()))
+        return list(generation.vectors)
 
     def oracle(self, task: Task) -> torch.Tensor:
         """An expert trained on the unseen task's own training pairs (its µ), cached on disk per seed."""
@@ -149,7 +161,6 @@ class Evaluator:
            tau: float | None = None, exclude: Sequence[str] = ()) -> float:
         """mR@1 of one deterministic adapter, memoised: the checks ask for the same cell more than once."""
         query = t.query if query is None else query
-        k, tau = k or self.config.k, tau or self.config.tau
         key = (strategy, t.task.name, query.tobytes(), k, tau, tuple(sorted(exclude)))
         if key not in self._r1:
             self._r1[key] = self.score(self.adapters(strategy, query, k, tau, exclude)[0], t)[R1]
@@ -173,7 +184,7 @@ class Evaluator:
         """Check (2): remove the N library experts most similar to the description, then route among the rest."""
         rows: Grid = {s: {"full library": self.r1(s, t)} for s in CHECKED}
         for n in self.eval_cfg.coverage_remove:
-            if n + self.config.k > len(self.store.bank):
+            if n + 4 > len(self.store.bank):
                 continue
             nearest = [self.store.bank.ids[r] for r in route(self.store.bank, t.query, n)[0]]
             for s in CHECKED:
@@ -255,6 +266,9 @@ def ensure_store(config: BuildConfig, store_dir: Path, progress: bool) -> pipeli
     ctx = pipeline.make_context(config, store_dir)
     if not ((store_dir / "manifest.json").exists() and (store_dir / "cvae.safetensors").exists()):
         pipeline.build(config, store_dir, progress=progress)
+    elif routing_record(json.loads((store_dir / "manifest.json").read_text())) is None:
+        pipeline.step_validate(ctx, progress=progress)  # built before validation existed: its experts are reused
+        pipeline.step_train_cvae(ctx, progress=progress)
     built_on = [e["id"] for e in json.loads((store_dir / "manifest.json").read_text())["experts"]]
     if built_on != [t.name for t in ctx.split.seen]:
         raise StoreError(f"{store_dir} holds experts for another split than this config and seed; "
@@ -288,12 +302,19 @@ def evaluate_seed(config: BuildConfig, seed: int, seed_dir: Path, eval_cfg: Eval
     average = mean_grid(list(main.values()))
     for s, h in headroom_summary.items():
         average[s] |= h
+    average |= {s: average[s] | seen_loto(store, s) for s in average}
+    served = default_strategy(store)
+    if DEFAULT in average:
+        average[DEFAULT] |= {"gated tasks": float(sum(1 for s, _ in ev.gated if s == DEFAULT)),
+                             "tasks below zero-shot": float(sum(main[n][DEFAULT][R1] < main[n]["zero_shot"][R1]
+                                                                for n in main))}
     checks = {name: mean_grid([r[name] for r in per_task.values()])
               for name in ("semantic", "coverage", "spread", "sweep") if all(name in r for r in per_task.values())}
     return {
         "seed": seed,
         "split": split_record(ctx, split, tasks, eval_dataset, seed),
         "store_version": store.version,
+        "default_strategy": served,
         "average": average,
         "checks": checks,
         "per_task": {n: r["main"] for n, r in per_task.items()},
@@ -301,6 +322,18 @@ def evaluate_seed(config: BuildConfig, seed: int, seed_dir: Path, eval_cfg: Eval
         "headroom_skipped": skipped,
         "per_task_checks": {n: {k: v for k, v in r.items() if k != "main"} for n, r in per_task.items()},
     }
+
+
+def seen_loto(store: Store, strategy: str) -> dict[str, float]:
+    """The store's leave-one-task-out figure on the seen tasks for a row (the offline validation's), or NaN."""
+    table = store.routing.validation.get("table", {}) if store.routing is not None else {}
+    row = table.get(default_strategy(store) if strategy == DEFAULT else strategy)
+    if strategy == "oracle":
+        return {"seen LOTO mR@1": store.routing.validation.get("seen_oracle_mr1", math.nan) if table else math.nan,
+                "seen LOTO headroom": 100.0 if table else math.nan}
+    if row is None:
+        return {"seen LOTO mR@1": math.nan, "seen LOTO headroom": math.nan}
+    return {"seen LOTO mR@1": row["loto_mr1"], "seen LOTO headroom": 100 * row["loto_headroom"]}
 
 
 def derangement(n: int, seed: int) -> list[int] | None:

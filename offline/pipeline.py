@@ -1,4 +1,8 @@
-"""The offline job: (pretrain tiny base) → train experts → build library → train CVAE, each step re-runnable.
+"""The offline job: (pretrain tiny base) → train experts → build library → validate → train CVAE, each re-runnable.
+
+validate: the transfer matrix (every expert on every seen task's held-out pairs), the transfer router, and every
+choice (K, τ, router, gate, default strategy) by leave-one-task-out retrieval (offline/validate.py). The CVAE is
+then conditioned on the best merge's prior and its training step chosen by the same criterion.
 
 Paths: the store goes to `out`; intermediate artifacts (expert checkpoints, the pretrained tiny base) to
 `<out>.work/`, so the store stays what the server loads and nothing else.
@@ -15,11 +19,21 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 from app.ml.backbone import Backbone, load_backbone
 from app.ml.lora import LoRALayout, inject_lora
-from app.ml.store import BASE_WEIGHTS_FILE, load_store
+from app.ml.routing import StoreRouting
+from app.ml.store import (
+    BASE_WEIGHTS_FILE,
+    ROUTING_ARTIFACT,
+    Store,
+    TrainedCVAE,
+    load_store,
+    routing_artifact,
+    routing_tensors,
+)
 from offline.build_library import build_library
 from offline.config import BuildConfig, TaskSplit, load_tasks, split_dataset
 from offline.data import LoadReport
@@ -35,6 +49,8 @@ from offline.train_experts import (
     train_expert_item,
     write_expert,
 )
+from offline.transfer import HeldOut, TransferMatrix, measure_transfer
+from offline.validate import LOTO, score_cvae, validate, with_cvae_rows
 
 logger = logging.getLogger(__name__)
 
@@ -121,17 +137,73 @@ def step_train_experts(ctx: BuildContext, shard: int = 0, num_shards: int = 1, p
     return trained
 
 
-def step_build_library(ctx: BuildContext, cvae=None) -> str:
+def step_build_library(ctx: BuildContext, cvae: TrainedCVAE | None = None, artifacts: dict | None = None) -> str:
     backbone, layout = adapted_backbone(ctx)
     return build_library(ctx.out, ctx.experts_dir, ctx.split.seen, base_model=ctx.base_model_record(backbone),
                          lora_config=ctx.config.lora, layout=layout, index_factory=ctx.config.index_factory,
-                         cvae=cvae, base_weights_file=ctx.base_weights, dtype=ctx.config.library_dtype)
+                         cvae=cvae, base_weights_file=ctx.base_weights, dtype=ctx.config.library_dtype,
+                         artifacts=artifacts)
+
+
+def held_out_of_seen(ctx: BuildContext, backbone: Backbone) -> dict[str, HeldOut]:
+    """The seen tasks' held-out pairs (never trained on): what validation and the transfer matrix score on."""
+    return {t.name: HeldOut.of(backbone, ctx.split.test_pairs[t.name]) for t in ctx.split.seen
+            if ctx.split.test_pairs.get(t.name)}
+
+
+def make_loto(ctx: BuildContext, store: Store) -> tuple[LOTO | None, dict]:
+    """(LOTO scorer or None when the store has no transfer matrix, the matrix's tensors)."""
+    tensors = routing_tensors(store)
+    if not tensors:
+        return None, {}
+    backbone, layout = adapted_backbone(ctx)
+    held_out = held_out_of_seen(ctx, backbone)
+    tm = TransferMatrix([i for i in store.bank.ids if i in held_out], list(store.bank.ids),
+                        tensors["gains"].astype("float64"), tensors["mask"].astype(bool),
+                        tensors["zero_shot"].astype("float64"))
+    return LOTO(store, backbone, layout, held_out, tm), tensors
+
+
+def step_validate(ctx: BuildContext, progress: bool = True, engine: LocalEngine | RayEngine | None = None) -> str:
+    """Transfer matrix (on `engine`, one item per seen task) + router + every choice by leave-one-task-out
+    retrieval, recorded in the store."""
+    store = load_store(ctx.out)
+    pairs = {t.name: ctx.split.test_pairs[t.name] for t in ctx.split.seen if ctx.split.test_pairs.get(t.name)}
+    if not pairs:
+        logger.warning("no held-out pairs for the seen tasks: the store is not validated (paper defaults)")
+        return store.version
+    engine = engine or LocalEngine()
+    shared = expert_shared(ctx, engine) | {"mu": store.bank.mu.numpy()}
+    try:
+        transfer = measure_transfer(shared, store.bank.ids, store.bank.embeddings, pairs, engine,
+                                    nearest=ctx.config.transfer_nearest, progress=progress)
+    finally:
+        release_worker_state()
+    backbone, layout = adapted_backbone(ctx)
+    held_out = held_out_of_seen(ctx, backbone)
+    routing, _ = validate(store, backbone, layout, held_out, transfer, progress=progress)
+    return step_build_library(ctx, artifacts={ROUTING_ARTIFACT: routing_artifact(routing, transfer.to_tensors())})
+
+
+def cvae_prior(routing: StoreRouting | None) -> str:
+    """The merge the CVAE is conditioned on: the best-validated one (the paper's µ* without validation)."""
+    if routing is None:
+        return "topk_weighted"
+    table = routing.validation.get("table", {})
+    merges = [s for s in ("transfer_routed", "delta_merge", "topk_weighted") if s in table]
+    return max(merges, key=lambda s: table[s]["loto_mr1"]) if merges else "topk_weighted"
 
 
 def step_train_cvae(ctx: BuildContext, progress: bool = True) -> str:
+    """The CVAE, conditioned on the best-validated merge and early-stopped by LOTO retrieval when validated."""
     store = load_store(ctx.out)
-    cvae = train_cvae(store, ctx.experts_dir, ctx.config.cvae, ctx.config.k, ctx.config.tau, progress=progress)
-    return step_build_library(ctx, cvae=cvae)
+    loto, tensors = make_loto(ctx, store)
+    select = None if loto is None else partial(score_cvae, loto)
+    cvae = train_cvae(store, ctx.experts_dir, ctx.config.cvae, cvae_prior(store.routing), select, progress)
+    if loto is None:
+        return step_build_library(ctx, cvae=cvae)
+    routing = with_cvae_rows(store.routing, cvae, loto)
+    return step_build_library(ctx, cvae=cvae, artifacts={ROUTING_ARTIFACT: routing_artifact(routing, tensors)})
 
 
 def build(config: BuildConfig, out: Path, progress: bool = True,
@@ -143,6 +215,9 @@ def build(config: BuildConfig, out: Path, progress: bool = True,
     timings["experts_s"] = time.perf_counter() - t0
     step_build_library(ctx)
     timings["library_s"] = time.perf_counter() - t0 - timings["experts_s"]
+    t1 = time.perf_counter()
+    step_validate(ctx, progress=progress, engine=engine)
+    timings["validate_s"] = time.perf_counter() - t1
     t1 = time.perf_counter()
     version = step_train_cvae(ctx, progress=progress)
     timings["cvae_s"] = time.perf_counter() - t1

@@ -74,10 +74,14 @@ def test_generate_returns_a_safetensors_file_with_the_store_layout_and_metadata(
     meta = metadata_of(r.content, tmp_path)
     assert meta["base_model"] == m["base_model"]["name"] and meta["weights_id"] == m["base_model"]["weights_id"]
     assert meta["layout_hash"] == m["layout"]["hash"] and meta["store_version"] == m["version"]
-    assert (meta["strategy"], meta["seed"], meta["k"], meta["tau"]) == ("sglora", "3", "4", "0.05")
+    # Unset strategy, K and τ: what the store's leave-one-task-out validation chose.
+    default = m["artifacts"]["routing"]["record"]["default_strategy"]
+    params = m["artifacts"]["routing"]["record"]["strategy_params"][default]
+    assert (meta["strategy"], meta["seed"], meta["k"], meta["tau"]) == (default, "3", str(params["k"]),
+                                                                        repr(float(params["tau"])))
     assert float(meta["scale"]) == m["lora"]["alpha"] / m["lora"]["rank"]
     trace = json.loads(meta["trace"])
-    assert len(trace["expert_ids"]) == 4 and abs(sum(trace["weights"]) - 1) < 1e-6
+    assert len(trace["expert_ids"]) == params["k"] and abs(sum(trace["weights"]) - 1) < 1e-6
     assert trace["similarities"] == sorted(trace["similarities"], reverse=True)
     assert set(trace["expert_ids"]) <= {e["id"] for e in m["experts"]}
 
@@ -275,6 +279,10 @@ def test_experts_lists_the_library(served):
     assert body["experts"][0]["description"] and "layout_hash" in body["experts"][0]["provenance"]
     assert body["cvae"]["best_step"] == m["cvae"]["info"]["best_step"]  # users can see whether sglora is µ*
     assert body["index"] == {"factory": "Flat", "search": None, "recall_at_4": 1.0}  # 40 experts: exact routing
+    # ... and what validation chose, with the leave-one-task-out figures behind it
+    recorded = m["artifacts"]["routing"]["record"]
+    assert body["routing"]["default_strategy"] == recorded["default_strategy"] and not body["routing"]["stale"]
+    assert body["routing"]["validation"]["table"] == recorded["validation"]["table"]
 
 
 def test_experts_are_paginated_and_searchable(served):
@@ -295,6 +303,25 @@ def test_experts_are_paginated_and_searchable(served):
     for params, field in (({"limit": 0}, "limit"), ({"offset": -1}, "offset"), ({"q": "  "}, "q")):
         r = client.get("/experts", params=params)
         assert r.status_code == 422 and r.json()["error"]["field"] == field, r.text
+
+
+def test_gate_serves_zero_shot_and_says_why_for_a_description_far_from_the_library(served, task_pairs):
+    client, ctx = served
+    far = "!!!!!!"  # best cosine to any expert ≈ 0.5; every seen task's is ≥ ≈ 0.87
+    body = client.post("/generate-lora", json={"description": far}, headers={"accept": "application/json"}).json()
+    assert body["gated"] and "far from every expert" in body["gated"]
+    assert body["coverage"]["warning"].startswith("served zero-shot")
+    data = client.get(f"/adapters/{body['adapter_id']}").content  # the promise holds: the id downloads
+    assert all(t.abs().sum() == 0 for t in load_bytes(data).values())  # B = 0 and A = 0: exactly zero-shot
+    ungated = client.post("/generate-lora", json={"description": far, "gate": False},
+                          headers={"accept": "application/json"}).json()
+    assert ungated["gated"] is None and ungated["adapter_id"] != body["adapter_id"]
+    _, pairs = task_pairs[0]
+    images = [png_b64(p.image) for p in pairs]
+    texts = [p.caption for p in pairs]
+    gated = client.post("/retrieve", json={"images": images, "texts": texts, "description": far}).json()
+    zero = client.post("/retrieve", json={"images": images, "texts": texts}).json()
+    assert gated["adapter"]["gated"] and gated["images"] == zero["images"]  # /retrieve fell back to zero-shot
 
 
 def test_metrics_move_after_requests(served):

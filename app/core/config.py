@@ -14,7 +14,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.ml.aggregator import TAU_MIN
-from app.ml.strategies import STRATEGIES
+from app.ml.strategies import check_strategy
 
 
 class Settings(BaseSettings):
@@ -23,9 +23,12 @@ class Settings(BaseSettings):
     # --- model -------------------------------------------------------------------------------------------
     store_path: Path = Field(description="model store directory (python -m offline build --out ...)")
     device: str = Field("auto", description='"auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...')
-    k: int = Field(4, ge=1, description="default number of experts routed to")
-    tau: float = Field(0.05, ge=TAU_MIN, allow_inf_nan=False, description="default softmax temperature")
-    default_strategy: str = "sglora"
+    k: int | None = Field(None, ge=1, description="default number of experts routed to (unset: what the store's "
+                          "validation chose for the strategy)")
+    tau: float | None = Field(None, ge=TAU_MIN, allow_inf_nan=False, description="default softmax temperature "
+                              "(unset: the store's validated one for the strategy)")
+    default_strategy: str | None = Field(None, description="unset: the store's default (ranked first by its "
+                                         "leave-one-task-out validation; sglora for unvalidated stores)")
     coverage_warning_below: float = Field(
         0.5, ge=-1, le=1, description="max cosine(description, expert) under which a response carries a warning"
     )
@@ -113,10 +116,8 @@ class Settings(BaseSettings):
 
     @field_validator("default_strategy")
     @classmethod
-    def _known_strategy(cls, value: str) -> str:
-        if value not in STRATEGIES:
-            raise ValueError(f"unknown strategy {value!r}; choose one of {sorted(STRATEGIES)}")
-        return value
+    def _known_strategy(cls, value: str | None) -> str | None:
+        return None if value is None else check_strategy(value)
 
     @field_validator("store_path")
     @classmethod

@@ -18,7 +18,7 @@ Pure torch/numpy/faiss: the service and offline/ both import this module.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import faiss
@@ -138,6 +138,8 @@ class AggregationTrace:
     descriptions: list[str]
     similarities: list[float]  # cosine(d*, d_k); empty when the prior was built without a query
     weights: list[float]  # α_k, sums to 1
+    predicted_gains: list[float] | None = None  # transfer router: expected mR@1 gain of each expert (points)
+    merge: str = "factor"  # "factor": Σ α_k µ_k; "delta": rank-r SVD of Σ α_k ΔW_k (app/ml/delta_merge.py)
 
     @property
     def max_similarity(self) -> float | None:
@@ -151,6 +153,8 @@ class AggregationTrace:
             "descriptions": list(self.descriptions),
             "similarities": [float(s) for s in self.similarities],
             "weights": [float(w) for w in self.weights],
+            "predicted_gains": None if self.predicted_gains is None else [float(g) for g in self.predicted_gains],
+            "merge": self.merge,
             "max_similarity": self.max_similarity,
         }
 
@@ -228,6 +232,22 @@ def softmax_weights(sims: np.ndarray, tau: float) -> np.ndarray:
     return unnormalised_k / unnormalised_k.sum()
 
 
+def route_by_gain(bank: ExpertBank, gains_e: np.ndarray, query: np.ndarray, k: int,
+                  exclude: Collection[str] = ()) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """Top-k experts by a predicted gain per bank row [E] (app/ml/transfer_router.py): (rows, gains [k],
+    cosines [k]), best first; ties broken by bank order. The cosines are reported beside the gains."""
+    gains_e = np.asarray(gains_e, dtype=np.float64)
+    if gains_e.shape != (len(bank),):
+        raise ValueError(f"need one predicted gain per expert ({len(bank)}), got shape {gains_e.shape}")
+    excluded = set(exclude)
+    candidates = [row for row, expert_id in enumerate(bank.ids) if expert_id not in excluded]
+    if not 1 <= k <= len(candidates):
+        raise ValueError(f"k={k} is out of range: {len(candidates)} experts can be routed to")
+    rows = sorted(candidates, key=lambda row: -gains_e[row])[:k]  # sorted() is stable: ties keep bank order
+    sims_k = bank.embeddings[rows].astype(np.float64) @ _query_row(bank, query)[0].astype(np.float64)
+    return rows, gains_e[rows], sims_k
+
+
 # ----------------------------------------------------------------------------------------------
 # Priors
 # ----------------------------------------------------------------------------------------------
@@ -253,10 +273,19 @@ def _mixture_moments(
 
 _CHUNK = 256  # rows gathered at once: a model soup over a 10k library must not materialise [E, D] in float64
 
+# (µ_k [K, D], σ²_k [K, D], α [K]) -> (µ* [D], σ*² [D]): how routed experts become one prior.
+MergeFn = Callable[[torch.Tensor, torch.Tensor, np.ndarray], tuple[torch.Tensor, torch.Tensor]]
 
-def _prior(bank: ExpertBank, rows: Sequence[int], alpha_k: np.ndarray, sims_k: np.ndarray | None) -> SemanticPrior:
+
+def merge_prior(bank: ExpertBank, rows: Sequence[int], alpha_k: np.ndarray, sims_k: np.ndarray | None,
+                merge: MergeFn | None = None, merge_name: str = "factor",
+                predicted_gains_k: np.ndarray | None = None) -> SemanticPrior:
+    """The prior of routed experts `rows` with weights α. Default merge: factor space (law of total variance),
+    chunked over large row sets; `merge` (e.g. ΔW space) gets the K routed rows at once."""
     rows = list(rows)
-    if len(rows) <= _CHUNK:
+    if merge is not None:
+        mu_d, var_d = merge(*bank.gather(rows), alpha_k)
+    elif len(rows) <= _CHUNK:
         mu_d, var_d = _mixture_moments(*bank.gather(rows), alpha_k)
     else:
         mu_d, var_d = _chunked_moments(bank, rows, alpha_k)
@@ -265,6 +294,8 @@ def _prior(bank: ExpertBank, rows: Sequence[int], alpha_k: np.ndarray, sims_k: n
         descriptions=[bank.descriptions[r] for r in rows],
         similarities=[] if sims_k is None else [float(s) for s in sims_k],
         weights=[float(a) for a in alpha_k],
+        predicted_gains=None if predicted_gains_k is None else [float(g) for g in predicted_gains_k],
+        merge=merge_name,
     )
     return SemanticPrior(mu=mu_d, var=var_d, trace=trace)
 
@@ -289,10 +320,12 @@ def aggregate_experts(
     k: int = 4,
     tau: float = 0.05,
     exclude: Collection[str] = (),
+    merge: MergeFn | None = None,
+    merge_name: str = "factor",
 ) -> SemanticPrior:
-    """SG-LoRA's sparse aggregator: top-k by cosine, softmax(cos/τ) weights, mixture µ*, σ*²."""
+    """SG-LoRA's sparse aggregator: top-k by cosine, softmax(cos/τ) weights, mixture µ*, σ*² (`merge`: how)."""
     rows, sims_k = route(bank, query, k, exclude)
-    return _prior(bank, rows, softmax_weights(sims_k, tau), sims_k)
+    return merge_prior(bank, rows, softmax_weights(sims_k, tau), sims_k, merge, merge_name)
 
 
 def uniform_prior(bank: ExpertBank, indices: Sequence[int], query: np.ndarray | None = None) -> SemanticPrior:
@@ -308,4 +341,4 @@ def uniform_prior(bank: ExpertBank, indices: Sequence[int], query: np.ndarray | 
     if query is not None:
         sims_k = bank.embeddings[rows].astype(np.float64) @ _query_row(bank, query)[0].astype(np.float64)
     alpha_k = np.full(len(rows), 1.0 / len(rows), dtype=np.float64)
-    return _prior(bank, rows, alpha_k, sims_k)
+    return merge_prior(bank, rows, alpha_k, sims_k)

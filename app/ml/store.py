@@ -50,6 +50,7 @@ from app.ml.aggregator import ExpertBank
 from app.ml.backbone import file_sha256
 from app.ml.cvae import CVAE, CVAEConfig, TensorNormalizer
 from app.ml.lora import LayoutMismatchError, LoRAConfig, LoRALayout, check_layout
+from app.ml.routing import StoreRouting
 from app.ml.routing_index import fit_index
 
 FORMAT_VERSION = 2
@@ -93,6 +94,7 @@ class Store:
     lora_config: LoRAConfig
     bank: ExpertBank
     cvae: TrainedCVAE | None
+    routing: StoreRouting | None = None  # validated defaults, gate, transfer router (None: unvalidated or stale)
 
     @property
     def version(self) -> str:
@@ -698,7 +700,43 @@ def load_store(path: Path, expected_layout: LoRALayout | None = None, expected_w
         bank = _load_bank_v1(path, manifest, layout)
     else:
         bank = _load_bank_v2(path, manifest, layout, mmap_library)
-    return Store(path, manifest, layout, LoRAConfig.from_dict(manifest["lora"]), bank, _load_cvae(path, manifest))
+    store = Store(path, manifest, layout, LoRAConfig.from_dict(manifest["lora"]), bank, _load_cvae(path, manifest))
+    store.routing = _load_routing(store)
+    return store
+
+
+ROUTING_ARTIFACT = "routing"  # offline validation: router + transfer matrix tensors, the choices as the record
+
+
+def routing_artifact(routing: StoreRouting, transfer_tensors: dict[str, np.ndarray]) -> Artifact:
+    """The validated routing as a store artifact: marked stale (and then not served) when the library changes."""
+    router = {} if routing.router is None else routing.router.to_tensors()
+    arrays = {f"router.{k}": v for k, v in router.items()} | {f"transfer.{k}": v for k, v in transfer_tensors.items()}
+    return Artifact({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}, routing.to_manifest())
+
+
+def routing_record(manifest: dict) -> dict | None:
+    """The validated routing choices recorded in a manifest (None: unvalidated); `stale` says if still served."""
+    entry = manifest.get("artifacts", {}).get(ROUTING_ARTIFACT)
+    return None if entry is None else entry["record"] | {"stale": bool(entry.get("stale")),
+                                                          "stale_reason": entry.get("stale_reason")}
+
+
+def _load_routing(store: Store) -> StoreRouting | None:
+    entry = store.manifest.get("artifacts", {}).get(ROUTING_ARTIFACT)
+    if entry is None or entry.get("stale"):  # stale: measured on another library; serve as unvalidated
+        return None
+    tensors, record = store.artifact(ROUTING_ARTIFACT)
+    router = {k.removeprefix("router."): v.numpy() for k, v in tensors.items() if k.startswith("router.")}
+    return StoreRouting.from_manifest(record["record"], router or None)
+
+
+def routing_tensors(store: Store) -> dict[str, np.ndarray]:
+    """The transfer matrix the store was validated with ({} when none or stale): "gains", "mask", "zero_shot"."""
+    if store.routing is None:
+        return {}
+    tensors, _ = store.artifact(ROUTING_ARTIFACT)
+    return {k.removeprefix("transfer."): v.numpy() for k, v in tensors.items() if k.startswith("transfer.")}
 
 
 def _load_bank_v1(path: Path, manifest: dict, layout: LoRALayout) -> ExpertBank:

@@ -1,11 +1,17 @@
 """Ways to turn a description embedding into LoRA adapters, behind one interface.
 
-    zero_shot     no adapter (a zero vector: B = 0 leaves the model untouched)
-    model_soup    uniform average over every expert in the library
-    adapter_soup  uniform average over the top-K experts
-    topk_weighted softmax(cos/τ)-weighted average over the top-K experts: µ*
-    sglora        SG-LoRA: sample the CVAE's semantic prior p(z|c), c = {µ*, σ*²}, and decode
-    sglora_mean   SG-LoRA with z = the prior's mean: deterministic
+    zero_shot        no adapter (a zero vector: B = 0 leaves the model untouched)
+    model_soup       uniform average over every expert in the library
+    adapter_soup     uniform average over the top-K experts by cosine
+    topk_weighted    softmax(cos/τ)-weighted factor-space merge of the top-K by cosine: the paper's µ*
+    delta_merge      the same experts and weights, merged in ΔW space and re-factorised by SVD (delta_merge.py)
+    transfer_routed  top-K by the transfer router's predicted gain, softmax(gain/τ) weights, ΔW-space merge
+    sglora           SG-LoRA: sample the CVAE's prior p(z|c), c = the prior it was trained on, and decode
+    sglora_mean      SG-LoRA with z = the prior's mean: deterministic
+
+K and τ default to what the store's validation chose for each strategy (app/ml/routing.py); τ is a temperature
+on cosines for cosine routing and on predicted gains (mR@1 points) for transfer routing. With a gate in the
+store, a request it does not trust gets the zero adapter and the reason, unless `gate=False`.
 
 All return vectors in the flat layout of the store, de-normalised, on the CPU.
 """
@@ -14,12 +20,26 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 
-from app.ml.aggregator import AggregationTrace, SemanticPrior, aggregate_experts, route, uniform_prior
+from app.ml.aggregator import (
+    AggregationTrace,
+    SemanticPrior,
+    aggregate_experts,
+    merge_prior,
+    route,
+    route_by_gain,
+    softmax_weights,
+    uniform_prior,
+)
+from app.ml.delta_merge import merge_delta_space
+from app.ml.routing import FALLBACK_PARAMS
 from app.ml.store import Store
+
+DEFAULT_STRATEGY = "sglora"  # for stores whose validation has not chosen one
 
 
 @dataclass
@@ -27,20 +47,78 @@ class Generation:
     strategy: str
     vectors: torch.Tensor  # [num_samples, D]
     trace: AggregationTrace | None
+    gated: str | None = None  # the gate's reason when it replaced the strategy's adapter by zero-shot
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
     query: np.ndarray  # [e] normalised text embedding of the description (base model)
-    k: int = 4
-    tau: float = 0.05
+    k: int | None = None  # None: the store's validated K for the strategy
+    tau: float | None = None  # None: the store's validated temperature for the strategy
     seed: int = 0
     num_samples: int = 1
     exclude: Collection[str] = ()  # expert ids left out of routing (leave-self-out, coverage ablations)
+    gate: bool = True  # apply the store's confidence gate (zero-shot when no expert is predicted to help)
+
+
+class StrategyUnavailable(ValueError):
+    """The strategy exists but this store cannot serve it (e.g. no CVAE, no transfer router)."""
+
+
+def validated_params(store: Store, strategy: str) -> tuple[int, float]:
+    """(K, τ) the store's validation chose for `strategy` (the paper's K = 4, τ = 0.05 without validation)."""
+    params = store.routing.params_for(strategy) if store.routing is not None else FALLBACK_PARAMS
+    return int(params["k"]), float(params["tau"])
+
+
+def resolved_params(store: Store, strategy: str, req: GenerationRequest) -> tuple[int, float]:
+    """(K, τ): the request's where given, else the store's validated ones; K capped by the routable experts."""
+    validated_k, validated_tau = validated_params(store, strategy)
+    k = validated_k if req.k is None else req.k
+    tau = validated_tau if req.tau is None else req.tau
+    available = len(store.bank) - len(set(req.exclude) & set(store.bank.ids))
+    return (min(k, available) if req.k is None else k), tau
 
 
 def _repeat(prior: SemanticPrior, n: int) -> torch.Tensor:
     return prior.mu[None].expand(n, -1).clone()
+
+
+def _delta_merge_fn(store: Store):
+    return partial(merge_delta_space, store.layout, store.lora_config.scale)
+
+
+# ------------------------------------------------------------------------------------------ priors
+
+
+def _prior_topk_weighted(store: Store, req: GenerationRequest, k: int, tau: float) -> SemanticPrior:
+    return aggregate_experts(store.bank, req.query, k, tau, exclude=req.exclude)
+
+
+def _prior_delta_merge(store: Store, req: GenerationRequest, k: int, tau: float) -> SemanticPrior:
+    return aggregate_experts(store.bank, req.query, k, tau, exclude=req.exclude, merge=_delta_merge_fn(store),
+                             merge_name="delta")
+
+
+def _prior_transfer_routed(store: Store, req: GenerationRequest, k: int, tau: float) -> SemanticPrior:
+    gains_e = store.routing.predicted_gains(req.query, store.bank.embeddings) if store.routing else None
+    if gains_e is None:
+        raise StrategyUnavailable(f"strategy 'transfer_routed' needs a transfer router, and store {store.version} "
+                                  "has none (built before validation, or marked stale)")
+    rows, gains_k, sims_k = route_by_gain(store.bank, gains_e, req.query, k, req.exclude)
+    return merge_prior(store.bank, rows, softmax_weights(gains_k, tau), sims_k, _delta_merge_fn(store), "delta",
+                       predicted_gains_k=gains_k)
+
+
+PriorFn = Callable[[Store, GenerationRequest, int, float], SemanticPrior]
+PRIORS: dict[str, PriorFn] = {
+    "topk_weighted": _prior_topk_weighted,
+    "delta_merge": _prior_delta_merge,
+    "transfer_routed": _prior_transfer_routed,
+}
+
+
+# ------------------------------------------------------------------------------------------ strategies
 
 
 def _zero_shot(store: Store, req: GenerationRequest) -> Generation:
@@ -54,14 +132,22 @@ def _model_soup(store: Store, req: GenerationRequest) -> Generation:
 
 
 def _adapter_soup(store: Store, req: GenerationRequest) -> Generation:
-    rows, _ = route(store.bank, req.query, req.k, exclude=req.exclude)
+    rows, _ = route(store.bank, req.query, resolved_params(store, "adapter_soup", req)[0], exclude=req.exclude)
     prior = uniform_prior(store.bank, rows, query=req.query)
     return Generation("adapter_soup", _repeat(prior, req.num_samples), prior.trace)
 
 
-def _topk_weighted(store: Store, req: GenerationRequest) -> Generation:
-    prior = aggregate_experts(store.bank, req.query, req.k, req.tau, exclude=req.exclude)
-    return Generation("topk_weighted", _repeat(prior, req.num_samples), prior.trace)
+def _merged(name: str) -> Callable[[Store, GenerationRequest], Generation]:
+    def generate(store: Store, req: GenerationRequest) -> Generation:
+        prior = PRIORS[name](store, req, *resolved_params(store, name, req))
+        return Generation(name, _repeat(prior, req.num_samples), prior.trace)
+
+    return generate
+
+
+def cvae_prior_name(store: Store) -> str:
+    """The prior the store's CVAE was trained to condition on (older stores: the paper's top-K merge)."""
+    return store.cvae.info.get("prior", "topk_weighted") if store.cvae is not None else "topk_weighted"
 
 
 def _cvae(use_prior_mean: bool) -> Callable[[Store, GenerationRequest], Generation]:
@@ -70,7 +156,8 @@ def _cvae(use_prior_mean: bool) -> Callable[[Store, GenerationRequest], Generati
     def generate(store: Store, req: GenerationRequest) -> Generation:
         if store.cvae is None:
             raise StrategyUnavailable(f"strategy {name!r} needs a CVAE, and store {store.version} has none")
-        prior = aggregate_experts(store.bank, req.query, req.k, req.tau, exclude=req.exclude)
+        prior_name = cvae_prior_name(store)
+        prior = PRIORS[prior_name](store, req, *resolved_params(store, prior_name, req))
         norm, model = store.cvae.normalizer, store.cvae.model
         device = next(model.parameters()).device
         z_space = model.sample(norm.normalize(prior.mu).to(device), norm.normalize_var(prior.var).to(device),
@@ -80,24 +167,50 @@ def _cvae(use_prior_mean: bool) -> Callable[[Store, GenerationRequest], Generati
     return generate
 
 
-class StrategyUnavailable(ValueError):
-    """The strategy exists but this store cannot serve it (e.g. no CVAE)."""
-
-
 STRATEGIES: dict[str, Callable[[Store, GenerationRequest], Generation]] = {
     "zero_shot": _zero_shot,
     "model_soup": _model_soup,
     "adapter_soup": _adapter_soup,
-    "topk_weighted": _topk_weighted,
+    "topk_weighted": _merged("topk_weighted"),
+    "delta_merge": _merged("delta_merge"),
+    "transfer_routed": _merged("transfer_routed"),
     "sglora": _cvae(use_prior_mean=False),
     "sglora_mean": _cvae(use_prior_mean=True),
 }
 
 
+def check_strategy(name: str) -> str:
+    """The one check of a strategy name: settings, request schemas and the CLI call it."""
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}")
+    return name
+
+
+def default_strategy(store: Store) -> str:
+    """The store's validated default (its validation ranked it first), else the paper's method."""
+    return store.routing.default_strategy if store.routing is not None else DEFAULT_STRATEGY
+
+
+def gate_reason(store: Store, query: np.ndarray, exclude: Collection[str] = ()) -> str | None:
+    """Why the store's gate would not trust an adapter for `query` (None: it would, or the store has no gate)."""
+    routing = store.routing
+    if routing is None or routing.gate is None:
+        return None
+    keep = np.array([e not in set(exclude) for e in store.bank.ids])
+    sims = store.bank.embeddings[keep].astype(np.float64) @ query.astype(np.float64)
+    gains = routing.predicted_gains(query, store.bank.embeddings[keep])
+    return routing.gate.check(float(sims.max()), None if gains is None else float(gains.max()))
+
+
 @torch.no_grad()
 def generate_adapters(store: Store, strategy: str, request: GenerationRequest) -> Generation:
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose one of {sorted(STRATEGIES)}")
+    check_strategy(strategy)
     if request.num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {request.num_samples}")
-    return STRATEGIES[strategy](store, request)
+    generation = STRATEGIES[strategy](store, request)
+    if strategy != "zero_shot" and request.gate:
+        reason = gate_reason(store, request.query, request.exclude)
+        if reason is not None:
+            generation.vectors = torch.zeros_like(generation.vectors)
+            generation.gated = reason
+    return generation

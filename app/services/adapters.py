@@ -84,7 +84,7 @@ class AdapterService:
         with (its cache key, its generation and the version in its metadata all name the same one)."""
         store = self.engine.store
         key = cache_key(params.description, params.strategy, params.k, params.tau, params.seed, params.num_samples,
-                        store.version)
+                        store.version, params.gate)
 
         async def produce() -> tuple[bytes, _Entry]:
             t0 = time.perf_counter()

@@ -22,8 +22,8 @@ from app.ml.aggregator import route
 from app.ml.backbone import Backbone, load_backbone
 from app.ml.lora import LoRALayout, check_layout, inject_lora
 from app.ml.retrieval import embed_descriptions, embed_mixed, embed_pairs
-from app.ml.store import Store, StoreError, current_version, load_store
-from app.ml.strategies import Generation, GenerationRequest, generate_adapters
+from app.ml.store import Store, StoreError, current_version, load_store, routing_record
+from app.ml.strategies import Generation, GenerationRequest, default_strategy, generate_adapters
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,7 @@ class Engine:
         gen = generate_adapters(store, "topk_weighted", GenerationRequest(query, k=1, tau=1.0))
         if store.cvae is not None:
             generate_adapters(store, "sglora_mean", GenerationRequest(query, k=1, tau=1.0))
+        generate_adapters(store, default_strategy(store), GenerationRequest(query, k=1, tau=1.0))
         size = self.backbone.image_size
         image = Image.new("RGB", (size, size), (127, 127, 127))
         embed_pairs(self.backbone, self.layout, gen.vectors[0], [image], ["a photo"])
@@ -169,12 +170,12 @@ class Engine:
         return embed_descriptions(self.backbone, [description])[0].cpu().numpy().astype(np.float32)
 
     def generate(self, description: str, strategy: str, k: int, tau: float, seed: int, num_samples: int,
-                 query: np.ndarray | None = None, store: Store | None = None) -> Generation:
+                 query: np.ndarray | None = None, store: Store | None = None, gate: bool = True) -> Generation:
         """`query`: the description's routing embedding when the caller has it already (micro-batched).
         `store`: the version the request started on (default: the one served now)."""
         query = self.describe(description) if query is None else query
         store = store if store is not None else self.store
-        return generate_adapters(store, strategy, GenerationRequest(query, k, tau, seed, num_samples))
+        return generate_adapters(store, strategy, GenerationRequest(query, k, tau, seed, num_samples, gate=gate))
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """PIL image -> model input [3, H, W] on the CPU (the model's resize, crop and normalisation)."""
@@ -212,7 +213,8 @@ class Engine:
         if index["recall_at_4"] is None and index["factory"] == "Flat":  # a format-1 store: exact, unrecorded
             index["recall_at_4"] = 1.0
         return {"store_version": store.version, "count": len(records), "offset": offset, "limit": limit, "q": q,
-                "index": index, "experts": items, "cvae": store.cvae.info if store.cvae is not None else None}
+                "index": index, "experts": items, "cvae": store.cvae.info if store.cvae is not None else None,
+                "routing": routing_record(store.manifest)}
 
 
 def _expert_item(record: dict) -> dict:

@@ -35,7 +35,7 @@ from app.core.errors import InvalidInput
 from app.ml.canonical import canonical_safetensors
 from app.ml.lora import LoRALayout, state_dict_to_vector, vector_to_state_dict
 from app.ml.store import Store
-from app.ml.strategies import Generation
+from app.ml.strategies import Generation, default_strategy, validated_params
 from app.services.cache import normalise_description
 from app.services.engine import Engine
 
@@ -54,24 +54,32 @@ class GenerationParams:
     tau: float
     seed: int
     num_samples: int
+    gate: bool = True  # the store's confidence gate may replace the adapter by zero-shot (B = 0)
 
 
-def resolve_params(*, description: str, strategy: str, k: int | None, tau: float | None, seed: int,
-                   num_samples: int, settings, library_size: int) -> GenerationParams:
-    """Apply defaults and the limits that depend on settings or the loaded library (schema checks the rest)."""
+def resolve_params(*, description: str, strategy: str | None, k: int | None, tau: float | None, seed: int,
+                   num_samples: int, settings, store: Store, gate: bool = True) -> GenerationParams:
+    """Apply defaults and the limits that depend on settings or the loaded library (schema checks the rest).
+
+    Defaults, in order: the request, the settings, the store's validated choice (app/ml/routing.py)."""
+    library_size = len(store.bank)
     text = description.strip()
     if not text:
         raise InvalidInput("description is empty", "description")
     if len(text) > settings.max_description_chars:
         raise InvalidInput(f"description has {len(text)} characters; the limit is {settings.max_description_chars}",
                            "description")
-    k = min(settings.k, library_size) if k is None else k
+    strategy = strategy or settings.default_strategy or default_strategy(store)
+    if k is None and settings.k is not None:
+        k = min(settings.k, library_size)
+    validated_k, validated_tau = validated_params(store, strategy)
+    k = min(validated_k, library_size) if k is None else k
     if k > library_size:
         raise InvalidInput(f"k={k} exceeds the library size: {library_size} experts", "k")
     if num_samples > settings.max_num_samples:
         raise InvalidInput(f"num_samples={num_samples} exceeds the limit of {settings.max_num_samples}", "num_samples")
-    tau = settings.tau if tau is None else float(tau)
-    return GenerationParams(normalise_description(text), strategy, k, tau, seed, num_samples)
+    tau = (settings.tau if settings.tau is not None else validated_tau) if tau is None else float(tau)
+    return GenerationParams(normalise_description(text), strategy, k, tau, seed, num_samples, gate)
 
 
 # ------------------------------------------------------------------------------------------- the file
@@ -107,6 +115,11 @@ class AdapterFile:
     @property
     def trace(self) -> dict | None:
         return json.loads(self.metadata.get("trace", "null"))
+
+    @property
+    def gated(self) -> str | None:
+        """Why the confidence gate replaced this adapter by zero-shot (None: it did not)."""
+        return self.metadata.get("gated") or None
 
     @property
     def max_similarity(self) -> float | None:
@@ -165,6 +178,7 @@ def build_files(engine: Engine, params: GenerationParams, generation: Generation
         "scale": repr(lora.scale),
         "towers": json.dumps(list(lora.towers)),
         "trace": json.dumps(trace),
+        "gated": generation.gated or "",
     }
 
     def make(i: int, extra: dict[str, str]) -> AdapterFile:
@@ -184,5 +198,5 @@ def generate_files(engine: Engine, params: GenerationParams, query=None,
     versions in one answer (default: the one served now)."""
     store = store if store is not None else engine.store
     generation = engine.generate(params.description, params.strategy, params.k, params.tau, params.seed,
-                                 params.num_samples, query=query, store=store)
+                                 params.num_samples, query=query, store=store, gate=params.gate)
     return build_files(engine, params, generation, store)

@@ -121,6 +121,7 @@ class RetrievalInput:
     tau: float | None
     seed: int
     top_k: int | None
+    gate: bool = True
 
 
 def check_counts(inp: RetrievalInput, settings) -> None:
@@ -192,9 +193,9 @@ async def retrieve(read: Callable[[], RetrievalInput], engine: Engine, adapters:
         check_counts(inp, settings)
         params = None
         if inp.description is not None:  # check generation parameters before any expensive work
-            params = resolve_params(description=inp.description, strategy=inp.strategy or settings.default_strategy,
+            params = resolve_params(description=inp.description, strategy=inp.strategy,
                                     k=inp.k, tau=inp.tau, seed=inp.seed, num_samples=1, settings=settings,
-                                    library_size=engine.library_size)
+                                    store=engine.store, gate=inp.gate)
         decoded = await slot.run(check_pixel_budget, inp.images, settings.max_image_pixels,
                                  settings.max_request_pixels, decode=True)
         pixels = torch.stack([await slot.run(prepare_image, engine, data, field, settings.max_image_pixels,

@@ -35,7 +35,9 @@ def wants_json(request: Request) -> bool:
 def coverage_of(adapter: AdapterFile, threshold: float) -> Coverage:
     sim = adapter.max_similarity
     warning = None
-    if sim is not None and sim < threshold:
+    if adapter.gated:
+        warning = f"served zero-shot (no adapter): {adapter.gated}; send \"gate\": false for the routed adapter"
+    elif sim is not None and sim < threshold:
         warning = (f"no expert in the library is close to this description (best cosine {sim:.3f} < {threshold}); "
                    "the adapter may not help")
     return Coverage(max_similarity=sim, threshold=threshold, warning=warning)
@@ -60,6 +62,8 @@ def adapter_headers(adapter: AdapterFile, coverage: Coverage, cache: str | None,
         headers["X-Cache"] = cache
     if coverage.warning:
         headers["X-Coverage-Warning"] = coverage.warning
+    if adapter.gated:
+        headers["X-Gated"] = "zero-shot"
     return headers
 
 
@@ -73,7 +77,7 @@ async def adapter_response(request: Request, adapters: AdapterService, settings,
                                 downloadable=downloadable, download_url=url,
                                 downloads=download_urls(url) if url else {}, cache=cache or "hit",
                                 strategy=adapter.metadata["strategy"], trace=adapter.trace, coverage=coverage,
-                                metadata=adapter.metadata)
+                                gated=adapter.gated, metadata=adapter.metadata)
         del headers["Content-Disposition"]
         return Response(body.model_dump_json(), media_type="application/json", headers=headers)
     export = await adapters.export(adapter, fmt, request.is_disconnected)
@@ -85,9 +89,9 @@ async def adapter_response(request: Request, adapters: AdapterService, settings,
 async def generate_lora(body: GenerateRequest, request: Request, engine: EngineDep, adapters: AdaptersDep,
                         settings: SettingsDep, format: FormatQuery = "safetensors") -> Response:
     """A task description in, a LoRA adapter out (safetensors; PEFT-style keys; provenance in its metadata)."""
-    params = resolve_params(description=body.description, strategy=body.strategy or settings.default_strategy,
+    params = resolve_params(description=body.description, strategy=body.strategy,
                             k=body.k, tau=body.tau, seed=body.seed, num_samples=body.num_samples,
-                            settings=settings, library_size=engine.library_size)
+                            settings=settings, store=engine.store, gate=body.gate)
     generated: Generated = await adapters.generate(params, disconnected=request.is_disconnected)
     return await adapter_response(request, adapters, settings, generated.adapter, generated.cache, generated.stored,
                                   format)

@@ -34,7 +34,8 @@ _OPENAPI = {"requestBody": {"required": True, "content": {
 def _input(options: RetrieveOptions, images: list[tuple[str, bytes]]) -> RetrievalInput:
     return RetrievalInput(images=images, texts=options.texts, description=options.description,
                           adapter_id=options.adapter_id, strategy=options.strategy, k=options.k, tau=options.tau,
-                          seed=options.seed, top_k=options.top_k)
+                          seed=options.seed, top_k=options.top_k,
+                          gate=options.gate)
 
 
 def _from_json(raw: bytes, settings) -> RetrievalInput:
@@ -81,7 +82,8 @@ def _response(result: Retrieval) -> RetrieveResponse:
     used = AdapterUsed(source=choice.source, adapter_id=adapter.adapter_id if adapter else None,
                        downloadable=choice.downloadable, cache=choice.cache,
                        strategy=adapter.metadata.get("strategy") if adapter else None,
-                       max_similarity=adapter.max_similarity if adapter else None)
+                       max_similarity=adapter.max_similarity if adapter else None,
+                       gated=adapter.gated if adapter else None)
     return RetrieveResponse(
         store_version=result.store_version,
         adapter=used,

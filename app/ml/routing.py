@@ -1,0 +1,65 @@
+"""What a store's validation chose, and the confidence gate: read by the strategies, written by offline/validate.
+
+Every choice the offline job makes — the default strategy, each strategy's K and temperature, the transfer
+router's hyper-parameters, the gate's thresholds — is chosen by one criterion: leave-one-task-out retrieval on
+the seen tasks' held-out pairs (offline/validate.py). The manifest records the choices and the figures behind
+them under "routing"; this module is their in-memory form.
+
+The gate: when no expert is predicted to help (best predicted gain ≤ `min_predicted_gain`) or the description
+is farther from every expert than any seen task was from the rest of the library (coverage below
+`min_coverage`), the service falls back to zero-shot (B = 0) and says so, unless the client asks otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from app.ml.transfer_router import TransferRouter
+
+FALLBACK_PARAMS = {"k": 4, "tau": 0.05}  # stores without validation: the paper's K and a peer's τ
+
+
+@dataclass(frozen=True)
+class Gate:
+    min_coverage: float  # cosine(description, nearest expert) below this: outside the validated range
+    min_predicted_gain: float = 0.0  # mR@1 points; the best expert must be predicted to gain more than this
+
+    def check(self, coverage: float | None, best_gain: float | None) -> str | None:
+        """None when confident; otherwise the reason, phrased for a client."""
+        if coverage is not None and coverage < self.min_coverage:
+            return (f"the description is far from every expert in the library (best cosine {coverage:.3f} < "
+                    f"{self.min_coverage:.3f}, the least any validated task had)")
+        if best_gain is not None and best_gain <= self.min_predicted_gain:
+            return (f"no expert is predicted to help this task (best predicted gain {best_gain:+.2f} mR@1 points "
+                    f"<= {self.min_predicted_gain:+.2f})")
+        return None
+
+
+@dataclass
+class StoreRouting:
+    default_strategy: str
+    strategy_params: dict[str, dict]  # strategy -> {"k": int, "tau": float}
+    gate: Gate | None = None
+    router: TransferRouter | None = None
+    validation: dict = field(default_factory=dict)  # the figures behind the choices (manifest "routing.validation")
+
+    def params_for(self, strategy: str) -> dict:
+        return self.strategy_params.get(strategy, FALLBACK_PARAMS)
+
+    def predicted_gains(self, query: np.ndarray, expert_embeddings: np.ndarray) -> np.ndarray | None:
+        return None if self.router is None else self.router.predict(query, expert_embeddings)
+
+    def to_manifest(self) -> dict:
+        return {"default_strategy": self.default_strategy, "strategy_params": self.strategy_params,
+                "gate": None if self.gate is None else asdict(self.gate),
+                "router": None if self.router is None else self.router.params(), "validation": self.validation}
+
+    @classmethod
+    def from_manifest(cls, record: dict, router_tensors: dict[str, np.ndarray] | None) -> StoreRouting:
+        router = None
+        if record.get("router") is not None and router_tensors is not None:
+            router = TransferRouter.from_tensors(router_tensors, record["router"])
+        gate = Gate(**record["gate"]) if record.get("gate") else None
+        return cls(record["default_strategy"], record["strategy_params"], gate, router, record.get("validation", {}))
