@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -100,3 +101,22 @@ def test_manifest_routing_section_is_json_and_names_the_router(tiny_build):
     routing = routing_record(json.loads((tiny_build.out / "manifest.json").read_text()))
     assert set(routing) >= {"default_strategy", "strategy_params", "gate", "router", "validation"}
     assert set(routing["router"]) == {"bias", "bandwidth", "ridge", "shrinkage"}
+
+
+def test_after_a_library_change_the_routing_is_marked_stale_and_not_served(tiny_build, tmp_path):
+    from app.ml.store import update_store
+    from app.ml.strategies import StrategyUnavailable
+
+    copy = tmp_path / "store"
+    shutil.copytree(tiny_build.out, copy)
+    removed = load_store(copy).bank.ids[0]
+    update_store(copy, remove=[removed])
+    store = load_store(copy)
+    record = routing_record(store.manifest)
+    assert record["stale"] and removed in record["stale_reason"]
+    assert store.routing is None  # measured on another library: not served
+    query = store.bank.embeddings[0]
+    served = generate_adapters(store, default_strategy(store), GenerationRequest(query))
+    assert served.gated is None and torch.count_nonzero(served.vectors) > 0  # unvalidated defaults still work
+    with pytest.raises(StrategyUnavailable, match="offline validate"):
+        generate_adapters(store, "transfer_routed", GenerationRequest(query))

@@ -103,8 +103,9 @@ def _prior_delta_merge(store: Store, req: GenerationRequest, k: int, tau: float)
 def _prior_transfer_routed(store: Store, req: GenerationRequest, k: int, tau: float) -> SemanticPrior:
     gains_e = store.routing.predicted_gains(req.query, store.bank.embeddings) if store.routing else None
     if gains_e is None:
-        raise StrategyUnavailable(f"strategy 'transfer_routed' needs a transfer router, and store {store.version} "
-                                  "has none (built before validation, or marked stale)")
+        raise StrategyUnavailable(f"strategy 'transfer_routed' (and a CVAE conditioned on it) needs a transfer router, "
+                                  f"and store {store.version} has none: built before validation, or the library "
+                                  "changed since (re-run `python -m offline validate` and `train-cvae`)")
     rows, gains_k, sims_k = route_by_gain(store.bank, gains_e, req.query, k, req.exclude)
     return merge_prior(store.bank, rows, softmax_weights(gains_k, tau), sims_k, _delta_merge_fn(store), "delta",
                        predicted_gains_k=gains_k)
@@ -187,8 +188,13 @@ def check_strategy(name: str) -> str:
 
 
 def default_strategy(store: Store) -> str:
-    """The store's validated default (its validation ranked it first), else the paper's method."""
-    return store.routing.default_strategy if store.routing is not None else DEFAULT_STRATEGY
+    """The store's validated default (its validation ranked it first), else the paper's method when the store can
+    serve it (a CVAE whose prior needs no validated router), else the paper's top-K merge."""
+    if store.routing is not None:
+        return store.routing.default_strategy
+    if store.cvae is not None and cvae_prior_name(store) != "transfer_routed":
+        return DEFAULT_STRATEGY
+    return "topk_weighted"
 
 
 def gate_reason(store: Store, query: np.ndarray, exclude: Collection[str] = ()) -> str | None:
