@@ -32,7 +32,9 @@ def gen_key(settings, client, description, strategy="topk_weighted", k=4, tau=0.
 
 
 def post(client, description, strategy="topk_weighted", **extra):
-    r = client.post("/generate-lora", json={"description": description, "strategy": strategy} | extra)
+    # K and τ explicit: unset, they are the store's validated ones, and gen_key would have to look them up
+    body = {"description": description, "strategy": strategy, "k": 4, "tau": 0.05} | extra
+    r = client.post("/generate-lora", json=body)
     assert r.status_code == 200, r.text
     return r
 
