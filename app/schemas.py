@@ -47,11 +47,11 @@ class GenerationOptions(BaseModel):
     def _known_strategy(cls, value: str | None) -> str | None:
         return None if value is None else check_strategy(value)
 
-    @field_validator("*", mode="before")
+    @field_validator("k", "tau", "seed", "num_samples", "top_k", mode="before", check_fields=False)
     @classmethod
     def _not_a_bool(cls, value: object) -> object:
-        # pydantic's lax mode reads JSON true/false as 1/0 (k, tau, seed, num_samples, top_k); no field here
-        # takes a boolean, so one is always a client's mistake.
+        # pydantic's lax mode reads JSON true/false as 1/0 (k, tau, seed, num_samples, top_k); none of these
+        # takes a boolean, so one is always a client's mistake (`gate` is the one boolean option).
         if isinstance(value, bool):
             raise ValueError("expected a number, got a boolean")
         return value

@@ -155,7 +155,8 @@ def test_low_coverage_is_flagged(tiny_build):
     with serving(settings_for(tiny_build.out, redis_url=None, coverage_warning_below=1.0)) as client:
         r = client.post("/generate-lora", json={"description": "an x-ray of a knee"},
                         headers={"Accept": "application/json"})
-        assert r.status_code == 200 and "no expert" in r.json()["coverage"]["warning"]
+        warning = r.json()["coverage"]["warning"]  # the gate's reason when it fired, else the coverage warning
+        assert r.status_code == 200 and ("no expert" in warning or "far from every expert" in warning)
         assert "x-coverage-warning" in r.headers
 
 
@@ -213,7 +214,7 @@ def assert_well_formed(result, n: int, top_k: int) -> None:
 
 
 def test_retrieve_zero_shot_description_and_adapter_id(served, task_pairs):
-    client, _ = served
+    client, ctx = served
     description, pairs = task_pairs[0]
     n = len(pairs)
 
@@ -223,7 +224,8 @@ def test_retrieve_zero_shot_description_and_adapter_id(served, task_pairs):
     assert retrieve(client, pairs) == zero  # deterministic
 
     by_desc = retrieve(client, pairs, description=description, top_k=3)
-    assert by_desc["adapter"]["source"] == "description" and by_desc["adapter"]["strategy"] == "sglora"
+    default = manifest(ctx)["artifacts"]["routing"]["record"]["default_strategy"]
+    assert by_desc["adapter"]["source"] == "description" and by_desc["adapter"]["strategy"] == default
     assert_well_formed(by_desc, n, 3)
     assert retrieve(client, pairs, description=description, top_k=3) == by_desc | {
         "adapter": by_desc["adapter"] | {"cache": "hit"}}

@@ -153,10 +153,8 @@ class AggregationTrace:
             "descriptions": list(self.descriptions),
             "similarities": [float(s) for s in self.similarities],
             "weights": [float(w) for w in self.weights],
-            "predicted_gains": None if self.predicted_gains is None else [float(g) for g in self.predicted_gains],
-            "merge": self.merge,
             "max_similarity": self.max_similarity,
-        }
+        } | ({} if self.predicted_gains is None else {"predicted_gains": [float(g) for g in self.predicted_gains]})
 
 
 @dataclass(eq=False)

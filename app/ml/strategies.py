@@ -147,8 +147,13 @@ def _merged(name: str) -> Callable[[Store, GenerationRequest], Generation]:
 
 
 def cvae_prior_name(store: Store) -> str:
-    """The prior the store's CVAE was trained to condition on (older stores: the paper's top-K merge)."""
-    return store.cvae.info.get("prior", "topk_weighted") if store.cvae is not None else "topk_weighted"
+    """The prior the store's CVAE conditions on (older stores: the paper's top-K merge). Trained on the transfer
+    router's prior but the router is gone (the library changed since validation): the same ΔW merge of cosine-
+    routed experts, so sglora keeps serving until `offline validate` + `train-cvae` run again."""
+    prior = store.cvae.info.get("prior", "topk_weighted") if store.cvae is not None else "topk_weighted"
+    if prior == "transfer_routed" and (store.routing is None or store.routing.router is None):
+        return "delta_merge"
+    return prior
 
 
 def _cvae(use_prior_mean: bool) -> Callable[[Store, GenerationRequest], Generation]:
@@ -192,9 +197,7 @@ def default_strategy(store: Store) -> str:
     serve it (a CVAE whose prior needs no validated router), else the paper's top-K merge."""
     if store.routing is not None:
         return store.routing.default_strategy
-    if store.cvae is not None and cvae_prior_name(store) != "transfer_routed":
-        return DEFAULT_STRATEGY
-    return "topk_weighted"
+    return DEFAULT_STRATEGY if store.cvae is not None else "topk_weighted"
 
 
 def gate_reason(store: Store, query: np.ndarray, exclude: Collection[str] = ()) -> str | None:
