@@ -39,8 +39,9 @@ class GenerationOptions(BaseModel):
     tau: float | None = Field(None, ge=TAU_MIN, allow_inf_nan=False,
                               description="softmax temperature (default: server's)")
     seed: int = Field(0, ge=0, le=SEED_MAX, description="CVAE sampling seed: same seed, same adapter")
-    gate: bool = Field(True, description="when the store's confidence gate predicts no expert helps this task, "
-                                         "serve zero-shot (B = 0) and say why; false: the strategy's adapter anyway")
+    gate: bool = Field(True, strict=True,
+                       description="when the store's confidence gate predicts no expert helps this task, serve "
+                                   "zero-shot (B = 0) and say why; false: the strategy's adapter anyway")
 
     @field_validator("strategy")
     @classmethod

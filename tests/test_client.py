@@ -64,8 +64,10 @@ def test_cli_generate_then_download_by_id(server, tmp_path):
     lines = out.splitlines()
     at = next(i for i, line in enumerate(lines) if line.startswith("expert_ids"))
     assert "similarities" in lines[at] and "weights" in lines[at]  # the routing trace as a table, one row per expert
-    rows = lines[at + 2 : at + 2 + 4]
-    assert len(rows) == 4 and all(len(r.split()) >= 4 for r in rows) and lines[at + 6].startswith("max_similarity")
+    k = int(json.loads((ctx.out / "manifest.json").read_text())["artifacts"]["routing"]["record"]["strategy_params"][
+        json.loads((ctx.out / "manifest.json").read_text())["artifacts"]["routing"]["record"]["default_strategy"]]["k"])
+    rows = lines[at + 2 : at + 2 + k]  # K: what the store's validation chose for its default strategy
+    assert len(rows) == k and all(len(r.split()) >= 4 for r in rows) and lines[at + 2 + k].startswith("max_similarity")
 
     done = sglora(url, "download", adapter_id, "--format", "peft", "-o", "a.zip", cwd=tmp_path)
     assert done.returncode == 0, done.stderr

@@ -57,6 +57,8 @@ async def _from_multipart(request: Request, settings) -> RetrievalInput:
                 raise InvalidInput("images must be file uploads (-F images=@photo.jpg)", f"images[{i}]")
             images.append((f"images[{i}]", await item.read()))
         fields = {key: form.getlist(key)[-1] for key in form.keys() if key not in ("images", "texts")}
+        if fields.get("gate") in ("true", "false"):  # form fields are text; the JSON schema's gate is a strict bool
+            fields["gate"] = fields["gate"] == "true"
         options = RetrieveOptions.model_validate(fields | {"texts": form.getlist("texts")})
     finally:
         await form.close()
