@@ -82,7 +82,9 @@ def test_generate_returns_a_safetensors_file_with_the_store_layout_and_metadata(
     assert float(meta["scale"]) == m["lora"]["alpha"] / m["lora"]["rank"]
     trace = json.loads(meta["trace"])
     assert len(trace["expert_ids"]) == params["k"] and abs(sum(trace["weights"]) - 1) < 1e-6
-    assert trace["similarities"] == sorted(trace["similarities"], reverse=True)
+    # Best first: by predicted gain when the transfer router chose the experts, else by cosine.
+    order_key = "predicted_gains" if "predicted_gains" in trace else "similarities"
+    assert trace[order_key] == sorted(trace[order_key], reverse=True)
     assert set(trace["expert_ids"]) <= {e["id"] for e in m["experts"]}
 
 
