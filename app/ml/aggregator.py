@@ -139,7 +139,6 @@ class AggregationTrace:
     similarities: list[float]  # cosine(d*, d_k); empty when the prior was built without a query
     weights: list[float]  # α_k, sums to 1
     predicted_gains: list[float] | None = None  # transfer router: expected mR@1 gain of each expert (points)
-    merge: str = "factor"  # "factor": Σ α_k µ_k; "delta": rank-r SVD of Σ α_k ΔW_k (app/ml/delta_merge.py)
 
     @property
     def max_similarity(self) -> float | None:
@@ -276,7 +275,7 @@ MergeFn = Callable[[torch.Tensor, torch.Tensor, np.ndarray], tuple[torch.Tensor,
 
 
 def merge_prior(bank: ExpertBank, rows: Sequence[int], alpha_k: np.ndarray, sims_k: np.ndarray | None,
-                merge: MergeFn | None = None, merge_name: str = "factor",
+                merge: MergeFn | None = None,
                 predicted_gains_k: np.ndarray | None = None) -> SemanticPrior:
     """The prior of routed experts `rows` with weights α. Default merge: factor space (law of total variance),
     chunked over large row sets; `merge` (e.g. ΔW space) gets the K routed rows at once."""
@@ -293,7 +292,6 @@ def merge_prior(bank: ExpertBank, rows: Sequence[int], alpha_k: np.ndarray, sims
         similarities=[] if sims_k is None else [float(s) for s in sims_k],
         weights=[float(a) for a in alpha_k],
         predicted_gains=None if predicted_gains_k is None else [float(g) for g in predicted_gains_k],
-        merge=merge_name,
     )
     return SemanticPrior(mu=mu_d, var=var_d, trace=trace)
 
@@ -319,11 +317,10 @@ def aggregate_experts(
     tau: float = 0.05,
     exclude: Collection[str] = (),
     merge: MergeFn | None = None,
-    merge_name: str = "factor",
 ) -> SemanticPrior:
     """SG-LoRA's sparse aggregator: top-k by cosine, softmax(cos/τ) weights, mixture µ*, σ*² (`merge`: how)."""
     rows, sims_k = route(bank, query, k, exclude)
-    return merge_prior(bank, rows, softmax_weights(sims_k, tau), sims_k, merge, merge_name)
+    return merge_prior(bank, rows, softmax_weights(sims_k, tau), sims_k, merge)
 
 
 def uniform_prior(bank: ExpertBank, indices: Sequence[int], query: np.ndarray | None = None) -> SemanticPrior:

@@ -96,8 +96,7 @@ def _prior_topk_weighted(store: Store, req: GenerationRequest, k: int, tau: floa
 
 
 def _prior_delta_merge(store: Store, req: GenerationRequest, k: int, tau: float) -> SemanticPrior:
-    return aggregate_experts(store.bank, req.query, k, tau, exclude=req.exclude, merge=_delta_merge_fn(store),
-                             merge_name="delta")
+    return aggregate_experts(store.bank, req.query, k, tau, exclude=req.exclude, merge=_delta_merge_fn(store))
 
 
 def _prior_transfer_routed(store: Store, req: GenerationRequest, k: int, tau: float) -> SemanticPrior:
@@ -107,7 +106,7 @@ def _prior_transfer_routed(store: Store, req: GenerationRequest, k: int, tau: fl
                                   f"and store {store.version} has none: built before validation, or the library "
                                   "changed since (re-run `python -m offline validate` and `train-cvae`)")
     rows, gains_k, sims_k = route_by_gain(store.bank, gains_e, req.query, k, req.exclude)
-    return merge_prior(store.bank, rows, softmax_weights(gains_k, tau), sims_k, _delta_merge_fn(store), "delta",
+    return merge_prior(store.bank, rows, softmax_weights(gains_k, tau), sims_k, _delta_merge_fn(store),
                        predicted_gains_k=gains_k)
 
 
