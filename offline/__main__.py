@@ -164,6 +164,8 @@ def evaluate(
     store: Path | None = typer.Option(None, "--store", help="evaluate this built store (one seed) instead"),
     max_tasks: int | None = typer.Option(None, "--max-tasks", help="only the first N unseen tasks"),
     checks: bool = typer.Option(True, "--checks/--no-checks", help="shuffled / coverage / spread / sweep"),
+    only_checks: list[str] = typer.Option([], "--check", help="run only this check (repeatable): semantic | "
+                                          "coverage | spread | sweep"),
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
     """Strategies vs zero-shot and oracle on unseen tasks: R@1/5/10 both ways, headroom, checks, over seeds."""
@@ -182,7 +184,13 @@ def evaluate(
         raise typer.BadParameter(f"unexpected arguments {ctx.args}") from e
     build_config = ev.PRESETS[preset] if preset else _config(config, tiny)
     dataset_b = DatasetConfig(**json.loads(eval_dataset.read_text())) if eval_dataset else None
-    report = ev.run_evaluation(build_config, out, seeds, replace(ev.EvalConfig(), max_tasks=max_tasks, checks=checks),
+    unknown = set(only_checks) - set(ev.EvalConfig().check_names)
+    if unknown:
+        raise typer.BadParameter(f"unknown checks {sorted(unknown)}: choose among {ev.EvalConfig().check_names}")
+    eval_cfg = replace(ev.EvalConfig(), max_tasks=max_tasks, checks=checks)
+    if only_checks:
+        eval_cfg = replace(eval_cfg, check_names=tuple(only_checks))
+    report = ev.run_evaluation(build_config, out, seeds, eval_cfg,
                                eval_dataset=dataset_b, store_dir=store, device=device)
     typer.echo(report.markdown)
     typer.echo(f"wrote {out}/report.md, results.json, recall.png, split.json, config.json")

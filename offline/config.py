@@ -88,7 +88,7 @@ class BuildConfig:
 TINY = BuildConfig(
     model_name="tiny_clip",
     pretrained=None,
-    pretrain_base_steps=600,
+    pretrain_base_steps=800,
     dataset=DatasetConfig(kind="synthetic", n_pairs=140, n_unseen=8, n_test_pairs=60),
     lora=LoRAConfig(rank=2, alpha=4.0, towers=("vision", "text")),
     experts=ExpertTrainingConfig(steps=100, lr=1e-2, batch_size=32, keep_last=20),
@@ -125,5 +125,5 @@ def split_dataset(tasks: list[Task], cfg: DatasetConfig) -> TaskSplit:
     for task in tasks:
         train, test = split_pairs(task, cfg.n_test_pairs, cfg.split_seed)
         test_pairs[task.name] = test
-        trimmed[task.name] = Task(task.name, task.description, train)
+        trimmed[task.name] = Task(task.name, task.description, train, task.phrasings)
     return TaskSplit([trimmed[t.name] for t in seen], [trimmed[t.name] for t in unseen], test_pairs)

@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from offline.phrasing import build_phrasings
+
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})
@@ -49,6 +51,9 @@ class Task:
     name: str  # stable, filesystem-safe id, e.g. "red-circle"
     description: str  # e.g. "a photo of a red circle"
     pairs: list[Pair]
+    # Other build-side wordings of the description (offline/phrasing.py), the description first; empty when the
+    # data has none. The transfer router and the domain gate are fitted and validated on them.
+    phrasings: tuple[str, ...] = ()
 
 
 @dataclass
@@ -163,8 +168,8 @@ def synthetic_family(n_pairs: int = 80, image_size: int = 32, seed: int = 0) -> 
     for index, (colour, shape) in enumerate((c, s) for c in COLOURS for s in SHAPES):
         rng = np.random.default_rng([seed, index])
         pairs = [_synthetic_pair(colour, shape, image_size, rng) for _ in range(n_pairs)]
-        description = f"a photo of a {colour} {shape}"
-        tasks.append(Task(name=f"{colour}-{shape}", description=description, pairs=pairs))
+        phrasings = build_phrasings(colour, shape)  # the library template first
+        tasks.append(Task(name=f"{colour}-{shape}", description=phrasings[0], pairs=pairs, phrasings=phrasings))
     return tasks
 
 

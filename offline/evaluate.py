@@ -22,9 +22,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import platform
 import random
 import shlex
+import shutil
+import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -38,8 +43,9 @@ from app.ml.aggregator import route
 from app.ml.backbone import Backbone, load_backbone
 from app.ml.lora import LoRALayout, inject_lora
 from app.ml.retrieval import embed_pairs, recall_at_k, same_caption_mask
-from app.ml.store import Store, StoreError, load_store, routing_record
+from app.ml.store import BASE_WEIGHTS_FILE, Store, StoreError, load_store, routing_record
 from app.ml.strategies import GenerationRequest, default_strategy, generate_adapters
+from offline import evaluate_wording as wording
 from offline import pipeline
 from offline.config import TINY, BuildConfig, DatasetConfig, TaskSplit, load_tasks, split_dataset
 from offline.data import Task
@@ -69,6 +75,8 @@ class EvalConfig:
     max_tasks: int | None = None  # evaluate only the first N unseen tasks (quick runs)
     min_oracle_gain: float = 1.0  # tasks where oracle − zero_shot < this many points are left out of headroom
     checks: bool = True
+    check_names: tuple[str, ...] = ("semantic", "coverage", "spread", "sweep")  # which checks `checks` runs
+    wordings: bool = True  # rows (b)-(d): held-out phrasings and out-of-domain descriptions (evaluate_wording.py)
     cvae_samples: int = 5  # check (3): CVAE samples per task
     coverage_remove: tuple[int, ...] = (1, 4)  # check (2): drop the N experts most similar to the description
     k_grid: tuple[int, ...] = (1, 2, 4, 8)  # check (4)
@@ -261,9 +269,21 @@ def evaluation_split(ctx: pipeline.BuildContext, eval_dataset: DatasetConfig | N
     return split_dataset(tasks, ds)
 
 
-def ensure_store(config: BuildConfig, store_dir: Path, progress: bool) -> pipeline.BuildContext:
+def share_base(ctx: pipeline.BuildContext, shared: Path | None) -> None:
+    """Seeds of one run pretrain one base when its corpus does not depend on the split (synthetic data): the first
+    seed's base file is linked into the next seeds' work folders instead of pretraining it again."""
+    base = ctx.base_weights
+    if shared is None or base is None or base.exists() or not shared.exists() or ctx.config.dataset.kind != "synthetic":
+        return
+    base.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(shared, base)
+
+
+def ensure_store(config: BuildConfig, store_dir: Path, progress: bool,
+                 shared_base: Path | None = None) -> pipeline.BuildContext:
     """The seed's store: reused when complete, built otherwise; refused if it was built on another split."""
     ctx = pipeline.make_context(config, store_dir)
+    share_base(ctx, shared_base)
     if not ((store_dir / "manifest.json").exists() and (store_dir / "cvae.safetensors").exists()):
         pipeline.build(config, store_dir, progress=progress)
     elif routing_record(json.loads((store_dir / "manifest.json").read_text())) is None:
@@ -278,8 +298,8 @@ def ensure_store(config: BuildConfig, store_dir: Path, progress: bool) -> pipeli
 
 def evaluate_seed(config: BuildConfig, seed: int, seed_dir: Path, eval_cfg: EvalConfig,
                   eval_dataset: DatasetConfig | None = None, store_dir: Path | None = None,
-                  device: str = "cpu", progress: bool = True) -> dict:
-    ctx = ensure_store(config, store_dir or seed_dir / "store", progress)
+                  device: str = "cpu", progress: bool = True, shared_base: Path | None = None) -> dict:
+    ctx = ensure_store(config, store_dir or seed_dir / "store", progress, shared_base)
     split = evaluation_split(ctx, eval_dataset, seed)
     store = load_store(ctx.out)
     backbone = load_backbone(store.base_model["name"], store.base_pretrained(), device)
@@ -289,13 +309,15 @@ def evaluate_seed(config: BuildConfig, seed: int, seed_dir: Path, eval_cfg: Eval
     others = derangement(len(tasks), seed)
 
     per_task: dict[str, dict[str, Grid]] = {}
+    checks_run = {"coverage": ev.coverage, "spread": ev.spread, "sweep": ev.sweep}
     for i, t in enumerate(tqdm(tasks, desc=f"seed {seed}: unseen tasks", disable=not progress)):
         results = {"main": ev.main(t)}
         if eval_cfg.checks:
-            if others is not None:
+            if others is not None and "semantic" in eval_cfg.check_names:
                 results["semantic"] = ev.shuffled(t, tasks[others[i]])
-            results |= {"coverage": ev.coverage(t), "spread": ev.spread(t), "sweep": ev.sweep(t)}
+            results |= {name: check(t) for name, check in checks_run.items() if name in eval_cfg.check_names}
         per_task[t.task.name] = results
+    gated_template = sum((DEFAULT, t.query.tobytes()) in ev.gated for t in tasks)
 
     main = {n: r["main"] for n, r in per_task.items()}
     task_headroom, headroom_summary, skipped = headroom(main, eval_cfg.min_oracle_gain)
@@ -305,12 +327,13 @@ def evaluate_seed(config: BuildConfig, seed: int, seed_dir: Path, eval_cfg: Eval
     average |= {s: average[s] | seen_loto(store, s) for s in average}
     served = default_strategy(store)
     if DEFAULT in average:
-        average[DEFAULT] |= {"gated tasks": float(sum(1 for s, _ in ev.gated if s == DEFAULT)),
+        average[DEFAULT] |= {"gated tasks": float(gated_template),
                              "tasks below zero-shot": float(sum(main[n][DEFAULT][R1] < main[n]["zero_shot"][R1]
                                                                 for n in main))}
     checks = {name: mean_grid([r[name] for r in per_task.values()])
               for name in ("semantic", "coverage", "spread", "sweep") if all(name in r for r in per_task.values())}
-    return {
+    wordings = how_people_write(ev, tasks, main, eval_cfg, progress) if eval_cfg.wordings else {}
+    return wordings | {
         "seed": seed,
         "split": split_record(ctx, split, tasks, eval_dataset, seed),
         "store_version": store.version,
@@ -322,6 +345,21 @@ def evaluate_seed(config: BuildConfig, seed: int, seed_dir: Path, eval_cfg: Eval
         "headroom_skipped": skipped,
         "per_task_checks": {n: {k: v for k, v in r.items() if k != "main"} for n, r in per_task.items()},
     }
+
+
+def how_people_write(ev: Evaluator, tasks: Sequence[EvalTask], main: dict[str, Grid], eval_cfg: EvalConfig,
+                     progress: bool) -> dict:
+    """Rows (b)-(d) of offline/evaluate_wording.py for one seed ({} when the tasks have no wording grammar)."""
+    per_task = {}
+    for t in tqdm(tasks, desc=f"seed {ev.seed}: held-out wordings", disable=not progress):
+        queries = wording.held_out_queries(ev, t.task)
+        if queries is not None:
+            strategies = [s for s in wording.WORDING_ROWS if s in eval_cfg.strategies]
+            per_task[t.task.name] = wording.wording_rows(ev, t, queries, strategies)
+    if not per_task:
+        return {}
+    return {"wordings": wording.wording_summary(per_task, main), "wordings_per_task": per_task,
+            "out_of_domain": wording.out_of_domain_rows(ev, tasks)}
 
 
 def seen_loto(store: Store, strategy: str) -> dict[str, float]:
@@ -387,22 +425,91 @@ def run_evaluation(config: BuildConfig, out: Path, seeds: Sequence[int] = (0,), 
     write_json(out / "config.json", {"build": config.to_dict(), "eval": asdict(eval_cfg), "seeds": list(seeds),
                                      "eval_dataset": asdict(eval_dataset) if eval_dataset else None,
                                      "command": command})
-    per_seed = []
+    per_seed, started = [], time.perf_counter()
     for seed in seeds:
         cfg = seeded(config, seed)
         seed_dir = out / f"seed{seed}"
         seed_dir.mkdir(exist_ok=True)
         write_json(seed_dir / "build_config.json", cfg.to_dict())  # `python -m offline build --config` input
-        per_seed.append(evaluate_seed(cfg, seed, seed_dir, eval_cfg, eval_dataset, store_dir, device, progress))
+        t0 = time.perf_counter()
+        shared_base = out / f"seed{seeds[0]}" / "store.work" / BASE_WEIGHTS_FILE  # BuildContext.base_weights
+        per_seed.append(evaluate_seed(cfg, seed, seed_dir, eval_cfg, eval_dataset, store_dir, device, progress,
+                                      shared_base if store_dir is None else None))
+        per_seed[-1]["wall_s"] = time.perf_counter() - t0
+        write_json(seed_dir / "results.json", per_seed[-1])  # each seed's numbers as soon as it is done
     summary = {"average": mean_std_grid([r["average"] for r in per_seed]),
                "checks": {name: mean_std_grid([r["checks"][name] for r in per_seed]) for name in per_seed[0]["checks"]}}
-    results = {"seeds": list(seeds), "summary": summary, "per_seed": per_seed}
+    for section in ("wordings", "out_of_domain"):
+        if all(section in r for r in per_seed):
+            summary[section] = mean_std_grid([r[section] for r in per_seed])
+    summary["headline"] = headline(per_seed)
+    results = {"seeds": list(seeds), "provenance": provenance(command, time.perf_counter() - started),
+               "summary": summary, "per_seed": per_seed}
     write_json(out / "split.json", {f"seed{r['seed']}": r["split"] for r in per_seed})
     write_json(out / "results.json", results)
     markdown = render_report(results, command)
     (out / "report.md").write_text(markdown)
     plot_summary(summary["average"], out / "recall.png")
     return Report(out, results, markdown)
+
+
+def provenance(command: str, wall_s: float) -> dict:
+    """What a figure came from: the commit (and whether the tree was clean), the machine, threads, wall time."""
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+                                  cwd=Path(__file__).parent).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    return {"command": command, "commit": git("rev-parse", "HEAD"),
+            "tree_clean": git("status", "--porcelain", "--untracked-files=no") is None,
+            "machine": f"{platform.node()} {platform.machine()} {platform.platform()}", "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "load_average_at_end": list(os.getloadavg()),
+            "wall_s": wall_s}
+
+
+def pooled_headroom(cases: Sequence[tuple[float, float, float]]) -> float:
+    """100·(mean s − mean z)/(mean o − mean z) over (s, z, o) task cases."""
+    s, z, o = (float(np.mean([c[i] for c in cases])) for i in range(3))
+    return 100 * (s - z) / (o - z) if o > z else math.nan
+
+
+def headline(per_seed: Sequence[dict]) -> dict:
+    """The issue's figures for the served default over seeds: pooled over every task-seed, mean and worst seed."""
+    def over_seeds(values: list[float], worst) -> dict:
+        clean = [v for v in values if not math.isnan(v)]
+        return {"mean": float(np.mean(clean)) if clean else math.nan, "worst seed": worst(clean) if clean else math.nan,
+                "per seed": values}
+
+    out = {}
+    for row in ("default", "transfer_routed", "delta_merge", "sglora", "sglora_mean"):
+        if row not in per_seed[0]["per_task"][next(iter(per_seed[0]["per_task"]))]:
+            continue
+        cases = [[(r[row][R1], r["zero_shot"][R1], r["oracle"][R1]) for r in seed["per_task"].values()]
+                 for seed in per_seed]
+        out[f"template: {row} headroom (pooled)"] = {"pooled over task-seeds": pooled_headroom(sum(cases, []))} | \
+            over_seeds([pooled_headroom(c) for c in cases], min)
+    if all("wordings_per_task" in seed for seed in per_seed):
+        for row in ("default", "transfer_routed", "delta_merge", "topk_weighted"):
+            cases = [[(w[row][R1], seed["per_task"][n]["zero_shot"][R1], seed["per_task"][n]["oracle"][R1])
+                      for n, w in seed["wordings_per_task"].items() if row in w] for seed in per_seed]
+            if all(cases):
+                out[f"held-out wordings: {row} headroom (pooled)"] = {
+                    "pooled over task-seeds": pooled_headroom(sum(cases, []))} | over_seeds(
+                    [pooled_headroom(c) for c in cases], min)
+        out["held-out wordings: gated %"] = over_seeds([s["wordings"]["default"]["gated %"] for s in per_seed], max)
+        ood = [s["out_of_domain"]["all"] for s in per_seed]
+        out["out-of-domain: gate fired %"] = over_seeds([o["gate fired %"] for o in ood], min)
+        out["out-of-domain: served − zero-shot mR@1 (gate on)"] = over_seeds(
+            [o["served − zero-shot (gate on)"] for o in ood], min)
+        out["out-of-domain: served − zero-shot mR@1 (gate off)"] = over_seeds(
+            [o["served − zero-shot (gate off)"] for o in ood], min)
+    if all("semantic" in s["checks"] for s in per_seed):
+        out["shuffled descriptions: default − zero-shot mR@1"] = over_seeds(
+            [s["checks"]["semantic"]["default"]["shuffled description"] - s["average"]["zero_shot"][R1]
+             for s in per_seed], max)
+    return out
 
 
 def write_json(path: Path, obj) -> None:
@@ -451,6 +558,15 @@ def render_report(results: dict, command: str) -> str:
         f"headroom (pooled) = the same ratio on task-averaged mR@1.",
         "## Recall by strategy", markdown_table(summary["average"], "strategy"),
     ]
+    if "headline" in summary:
+        parts += ["## Headline (served default unless named; pooled over task-seeds, mean and worst seed)",
+                  markdown_table({r: {c: v for c, v in cells.items() if c != "per seed"}
+                                  for r, cells in summary["headline"].items()}, "figure")]
+    if "wordings" in summary:
+        parts += ["## Held-out wordings of the unseen tasks (grammar templates the build never used)",
+                  markdown_table(summary["wordings"], "strategy"),
+                  "## Out-of-domain descriptions, each served for every unseen task (harm against zero-shot)",
+                  markdown_table(summary["out_of_domain"], "set")]
     for name, grid in summary["checks"].items():
         parts += [f"## {CHECK_TITLES[name]}", markdown_table(grid, "")]
     parts.append("## Per task (mR@1; headroom in JSON)")

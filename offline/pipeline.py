@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
+import numpy as np
+
 from app.ml.backbone import Backbone, load_backbone
 from app.ml.lora import LoRALayout, inject_lora
 from app.ml.routing import StoreRouting
@@ -36,11 +38,13 @@ from app.ml.store import (
 )
 from offline.build_library import build_library
 from offline.config import BuildConfig, TaskSplit, load_tasks, split_dataset
-from offline.data import LoadReport
+from offline.data import LoadReport, synthetic_family
 from offline.engine import LocalEngine, RayEngine
+from offline.phrasing import build_out_of_domain
 from offline.pretrain_base import pretrain_base
 from offline.train_cvae import train_cvae
 from offline.train_experts import (
+    describe,
     expert_path,
     pending_tasks,
     record_from_result,
@@ -90,11 +94,25 @@ def make_context(config: BuildConfig, out: Path) -> BuildContext:
     return BuildContext(config, Path(out), split_dataset(tasks, config.dataset))
 
 
+# The tiny base's "web" corpus for synthetic data: other images of every colour-shape combination than the tasks'
+# own (a distinct image seed), so no task's held-out image is ever pretrained on, whatever the split.
+PRETRAIN_IMAGE_SEED_OFFSET = 1000
+
+
+def pretraining_pairs(ctx: BuildContext) -> list:
+    """What the tiny base is pretrained on: for the synthetic family a corpus of its own, independent of the split
+    (so every evaluation seed can share one base); for real data the tasks' training pairs."""
+    ds = ctx.config.dataset
+    if ds.kind == "synthetic":
+        return [p for t in synthetic_family(ds.n_pairs, seed=ds.seed + PRETRAIN_IMAGE_SEED_OFFSET) for p in t.pairs]
+    return [p for t in ctx.split.seen + ctx.split.unseen for p in t.pairs]
+
+
 def ensure_base(ctx: BuildContext, progress: bool = True) -> None:
     base = ctx.base_weights
     if base is not None and not base.exists():
-        pairs = [p for t in ctx.split.seen + ctx.split.unseen for p in t.pairs]
-        pretrain_base(ctx.config.model_name, pairs, base, steps=ctx.config.pretrain_base_steps, progress=progress)
+        pretrain_base(ctx.config.model_name, pretraining_pairs(ctx), base, steps=ctx.config.pretrain_base_steps,
+                      progress=progress)
 
 
 def adapted_backbone(ctx: BuildContext, device: str = "cpu") -> tuple[Backbone, LoRALayout]:
@@ -151,6 +169,18 @@ def held_out_of_seen(ctx: BuildContext, backbone: Backbone) -> dict[str, HeldOut
             if ctx.split.test_pairs.get(t.name)}
 
 
+def seen_wordings(ctx: BuildContext, backbone: Backbone) -> dict[str, np.ndarray]:
+    """Seen task -> [P, e] embeddings of its build-side wordings (offline/phrasing.py); {} when the data has none."""
+    return {t.name: describe(backbone, list(t.phrasings)).cpu().numpy() for t in ctx.split.seen if t.phrasings}
+
+
+def out_of_domain_embeddings(ctx: BuildContext, backbone: Backbone) -> np.ndarray | None:
+    """The synthetic out-of-domain descriptions the gate is calibrated on (only for data that has wordings)."""
+    if not any(t.phrasings for t in ctx.split.seen):
+        return None
+    return describe(backbone, list(build_out_of_domain())).cpu().numpy()
+
+
 def make_loto(ctx: BuildContext, store: Store) -> tuple[LOTO | None, dict]:
     """(LOTO scorer or None when the store has no transfer matrix, the matrix's tensors)."""
     tensors = routing_tensors(store)
@@ -161,7 +191,9 @@ def make_loto(ctx: BuildContext, store: Store) -> tuple[LOTO | None, dict]:
     tm = TransferMatrix([i for i in store.bank.ids if i in held_out], list(store.bank.ids),
                         tensors["gains"].astype("float64"), tensors["mask"].astype(bool),
                         tensors["zero_shot"].astype("float64"))
-    return LOTO(store, backbone, layout, held_out, tm), tensors
+    wordings = {t: q for t, q in seen_wordings(ctx, backbone).items() if t in tm.task_ids}
+    router_fit = store.routing.validation.get("router_fit", {})
+    return LOTO(store, backbone, layout, held_out, tm, wordings, router_fit), tensors
 
 
 def step_validate(ctx: BuildContext, progress: bool = True, engine: LocalEngine | RayEngine | None = None) -> str:
@@ -181,7 +213,8 @@ def step_validate(ctx: BuildContext, progress: bool = True, engine: LocalEngine 
         release_worker_state()
     backbone, layout = adapted_backbone(ctx)
     held_out = held_out_of_seen(ctx, backbone)
-    routing, _ = validate(store, backbone, layout, held_out, transfer, progress=progress)
+    routing, _ = validate(store, backbone, layout, held_out, transfer, progress=progress,
+                          phrasings=seen_wordings(ctx, backbone), out_of_domain=out_of_domain_embeddings(ctx, backbone))
     return step_build_library(ctx, artifacts={ROUTING_ARTIFACT: routing_artifact(routing, transfer.to_tensors())})
 
 

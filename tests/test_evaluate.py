@@ -211,3 +211,32 @@ def test_every_check_is_reported(report):
     assert set(checks["coverage"]["transfer_routed"]) == {"full library", "top-4 removed"}
     assert set(checks["sweep"]) == {f"{s} K={k}" for s in ev.CHECKED for k in QUICK.k_grid}
     assert checks["spread"]["sglora"]["std over samples"] >= 0
+
+
+def test_rows_for_how_people_write_are_reported(report):
+    from offline.phrasing import HELD_OUT_DESCRIPTION_TEMPLATES, HELD_OUT_OUT_OF_DOMAIN
+
+    seed = report.results["per_seed"][0]
+    assert set(seed["wordings"]) == {"zero_shot", "topk_weighted", "delta_merge", "transfer_routed", "sglora_mean",
+                                     "default"}
+    assert set(seed["wordings_per_task"]) == set(seed["per_task"])
+    assert 0 <= seed["wordings"]["default"]["gated %"] <= 100
+    # zero-shot does not read the description: its wording row is its template row
+    assert seed["wordings"]["zero_shot"][ev.R1] == pytest.approx(seed["average"]["zero_shot"][ev.R1])
+    assert set(seed["out_of_domain"]) == set(HELD_OUT_OUT_OF_DOMAIN) | {"all"}
+    every = seed["out_of_domain"]["all"]
+    assert every["zero-shot mR@1"] == pytest.approx(seed["average"]["zero_shot"][ev.R1])
+    assert 0 <= every["gate fired %"] <= 100
+    headline = report.results["summary"]["headline"]
+    assert {"template: default headroom (pooled)", "held-out wordings: default headroom (pooled)",
+            "held-out wordings: gated %", "out-of-domain: gate fired %"} <= set(headline)
+    assert len(HELD_OUT_DESCRIPTION_TEMPLATES) >= 5
+    for title in ("Headline", "Held-out wordings", "Out-of-domain"):
+        assert f"## {title}" in report.markdown
+
+
+def test_results_say_what_they_came_from(report):
+    provenance = report.results["provenance"]
+    assert provenance["command"] == "pytest" and provenance["wall_s"] > 0 and provenance["torch_threads"] >= 1
+    assert {"commit", "machine", "cpu_count", "tree_clean"} <= set(provenance)
+    assert report.results["per_seed"][0]["wall_s"] > 0

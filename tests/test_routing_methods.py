@@ -116,3 +116,61 @@ def test_gate_reasons() -> None:
     assert "far from every expert" in gate.check(0.5, 2.0)
     assert "no expert is predicted to help" in gate.check(0.9, -0.1)
     assert gate.check(0.9, None) is None  # no router: coverage alone decides
+
+
+def test_full_grid_kronecker_solve_matches_the_dense_system() -> None:
+    rng = np.random.default_rng(5)
+    a, b = unit(rng.normal(size=(8, 5))), unit(rng.normal(size=(6, 5)))
+    K_tt, K_ee = kernel(a, a, 0.5), kernel(b, b, 0.5)
+    y = rng.normal(size=(8, 6))
+    beta = _solve_masked_kronecker(K_tt, K_ee, y, np.ones_like(y), ridge=0.3)  # every pair observed: closed form
+    dense = np.kron(K_tt, K_ee) + 0.3 * np.eye(48)
+    np.testing.assert_allclose(beta.ravel(), np.linalg.solve(dense, y.ravel()), atol=1e-8)
+
+
+def worded_family(rng: np.random.Generator, wordings: int = 6, wording_strength: float = 1.5):
+    """`family` whose descriptions also move along a few wording directions, as phrasings of one task do."""
+    tasks, emb, gains = family(rng)
+    nuisance = unit(rng.normal(size=(3, 16)))
+    worded = [unit(emb[i] + wording_strength * rng.normal(size=(wordings, 3)) @ nuisance) for i in range(len(tasks))]
+    return tasks, emb, gains, worded
+
+
+def test_router_fitted_on_wordings_routes_new_wordings_by_colour() -> None:
+    rng = np.random.default_rng(6)
+    tasks, emb, gains, worded = worded_family(rng)
+    held = [i for i, (c, s) in enumerate(tasks) if s == c]
+    fit = [i for i in range(len(tasks)) if i not in held]
+    rows = np.repeat(fit, [len(worded[i]) for i in fit])
+    on_wordings = fit_transfer_router(np.concatenate([worded[i] for i in fit]), emb[fit], gains[np.ix_(rows, fit)],
+                                      ridge=0.1, shrinkage=0.1, groups=rows)
+    on_templates = fit_transfer_router(emb[fit], emb[fit], gains[np.ix_(fit, fit)], ridge=0.1, shrinkage=0.1)
+
+    def right_colour(router) -> float:
+        hits = [tasks[fit[int(np.argmax(router.predict(q, emb[fit])))]][0] == tasks[t][0]
+                for t in held for q in worded[t]]
+        return float(np.mean(hits))
+
+    assert right_colour(on_wordings) >= 0.9
+    assert right_colour(on_wordings) > right_colour(on_templates)
+
+
+def test_domain_distance_separates_new_in_domain_tasks_from_other_text() -> None:
+    from app.ml.domain_gate import fit_domain
+
+    rng = np.random.default_rng(7)
+    tasks, _, _, worded = worded_family(rng, wording_strength=0.5)
+    held = [i for i, (c, s) in enumerate(tasks) if s == c]
+    domain = fit_domain(np.concatenate([worded[i] for i in range(len(tasks)) if i not in held]), shrinkage=0.1)
+    inside = domain.distance(np.concatenate([worded[i] for i in held]))
+    outside = domain.distance(unit(rng.normal(size=(20, 16))))  # text from elsewhere: off the family's subspace
+    assert np.quantile(inside, 0.95) < np.quantile(outside, 0.05)
+
+
+def test_gate_reasons_with_a_domain_threshold() -> None:
+    gate = Gate(min_coverage=None, min_predicted_gain=0.0, max_domain_distance=2.0,
+                domain_calibration={"in_domain_gated": 0.05})
+    assert gate.check(0.1, 2.0, domain_distance=1.5) is None  # coverage is not checked when a domain is
+    assert "far from every expert's domain" in gate.check(0.9, 2.0, domain_distance=2.5)
+    assert "5 %" in gate.check(0.9, 2.0, domain_distance=2.5)
+    assert "no expert is predicted to help" in gate.check(0.9, -1.0, domain_distance=1.0)

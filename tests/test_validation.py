@@ -52,7 +52,8 @@ def test_recorded_figure_is_leave_one_task_out_retrieval(store, loto):
     if name == "zero_shot":
         pytest.skip("the library helps no seen task on this machine; nothing to recompute")
     params = store.routing.params_for(name)
-    fresh = LOTO(loto.store, loto.backbone, loto.layout, loto.held_out, loto.transfer)
+    fresh = LOTO(loto.store, loto.backbone, loto.layout, loto.held_out, loto.transfer, loto.phrasings,
+                 loto.router_fit)
     recomputed = fresh.mean_score(name, params["k"], params["tau"], store.routing)
     assert recomputed == pytest.approx(row["loto_mr1"], abs=1e-6)
     task = fresh.tasks[0]
@@ -65,8 +66,8 @@ def test_a_generator_that_wins_leave_one_task_out_becomes_the_default(store, lot
     made_by: dict[int, tuple[torch.Tensor, str]] = {}
     generate, score = LOTO.generate, LOTO.score
 
-    def tagged_generate(self, task, strategy, k, tau, routing):
-        vector = generate(self, task, strategy, k, tau, routing)
+    def tagged_generate(self, task, strategy, k, tau, routing, query=None):
+        vector = generate(self, task, strategy, k, tau, routing, query)
         made_by[id(vector)] = (vector, strategy)
         return vector
 
@@ -81,15 +82,15 @@ def test_a_generator_that_wins_leave_one_task_out_becomes_the_default(store, lot
 
 
 def test_gate_sends_a_description_far_from_every_expert_to_zero_shot(store):
-    assert store.routing is not None and store.routing.gate is not None
+    assert store.routing is not None and store.routing.gate is not None and store.routing.domain is not None
     rng = np.random.default_rng(0)
     far = rng.normal(size=store.bank.embeddings.shape[1]).astype(np.float32)
     far -= store.bank.embeddings.mean(0) * 4  # away from the whole library
     far /= np.linalg.norm(far)
-    assert float((store.bank.embeddings @ far).max()) < store.routing.gate.min_coverage
+    assert store.routing.domain_distance(far) > store.routing.gate.max_domain_distance
     name = default_strategy(store)
     gated = generate_adapters(store, name, GenerationRequest(far))
-    assert gated.gated and "far from every expert" in gated.gated
+    assert gated.gated and "far from every expert's domain" in gated.gated
     assert torch.count_nonzero(gated.vectors) == 0  # B = 0: exactly the zero-shot model
     ungated = generate_adapters(store, name, GenerationRequest(far, gate=False))
     assert ungated.gated is None and torch.count_nonzero(ungated.vectors) > 0
@@ -101,6 +102,7 @@ def test_manifest_routing_section_is_json_and_names_the_router(tiny_build):
     routing = routing_record(json.loads((tiny_build.out / "manifest.json").read_text()))
     assert set(routing) >= {"default_strategy", "strategy_params", "gate", "router", "validation"}
     assert set(routing["router"]) == {"bias", "bandwidth", "ridge", "shrinkage"}
+    assert set(routing["validation"]["router_fit"]) == {"phrasings", "within"}  # how it was fitted, chosen by LOTO
 
 
 def test_after_a_library_change_the_routing_is_marked_stale_and_not_served(tiny_build, tmp_path):

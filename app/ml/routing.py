@@ -5,9 +5,11 @@ router's hyper-parameters, the gate's thresholds — is chosen by one criterion:
 the seen tasks' held-out pairs (offline/validate.py). The manifest records the choices and the figures behind
 them under "routing"; this module is their in-memory form.
 
-The gate: when no expert is predicted to help (best predicted gain ≤ `min_predicted_gain`) or the description
-is farther from every expert than any seen task was from the rest of the library (coverage below
-`min_coverage`), the service falls back to zero-shot (B = 0) and says so, unless the client asks otherwise.
+The gate: when the description lies outside the library's domain (its distance to every way the seen tasks were
+described exceeds `max_domain_distance`, app/ml/domain_gate.py), or no expert is predicted to help (best
+predicted gain ≤ `min_predicted_gain`), the service falls back to zero-shot (B = 0) and says so, unless the client
+asks otherwise. Stores validated without phrasings gate on coverage instead (cosine to the nearest expert below
+`min_coverage`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from app.ml.domain_gate import DomainModel
 from app.ml.transfer_router import TransferRouter
 
 FALLBACK_PARAMS = {"k": 4, "tau": 0.05}  # stores without validation: the paper's K and a peer's τ
@@ -23,12 +26,21 @@ FALLBACK_PARAMS = {"k": 4, "tau": 0.05}  # stores without validation: the paper'
 
 @dataclass(frozen=True)
 class Gate:
-    min_coverage: float  # cosine(description, nearest expert) below this: outside the validated range
+    min_coverage: float | None  # cosine(description, nearest expert) below this: outside the validated range
     min_predicted_gain: float = 0.0  # mR@1 points; the best expert must be predicted to gain more than this
+    max_domain_distance: float | None = None  # domain distance δ above this: outside the library's domain
+    domain_calibration: dict = field(default_factory=dict)  # what the threshold means (validation's rates)
 
-    def check(self, coverage: float | None, best_gain: float | None) -> str | None:
+    def check(self, coverage: float | None, best_gain: float | None,
+              domain_distance: float | None = None) -> str | None:
         """None when confident; otherwise the reason, phrased for a client."""
-        if coverage is not None and coverage < self.min_coverage:
+        if domain_distance is not None and self.max_domain_distance is not None \
+                and domain_distance > self.max_domain_distance:
+            fired = self.domain_calibration.get("in_domain_gated")
+            share = "" if fired is None else f", which {100 * fired:.0f} % of validated in-domain descriptions exceed"
+            return (f"the description is far from every expert's domain (domain distance {domain_distance:.2f} > "
+                    f"{self.max_domain_distance:.2f}{share})")
+        if coverage is not None and self.min_coverage is not None and coverage < self.min_coverage:
             return (f"the description is far from every expert in the library (best cosine {coverage:.3f} < "
                     f"{self.min_coverage:.3f}, the least any validated task had)")
         if best_gain is not None and best_gain <= self.min_predicted_gain:
@@ -44,6 +56,7 @@ class StoreRouting:
     gate: Gate | None = None
     router: TransferRouter | None = None
     validation: dict = field(default_factory=dict)  # the figures behind the choices (manifest "routing.validation")
+    domain: DomainModel | None = None  # the gate's domain (None: the gate checks coverage instead)
 
     def params_for(self, strategy: str) -> dict:
         return self.strategy_params.get(strategy, FALLBACK_PARAMS)
@@ -51,15 +64,21 @@ class StoreRouting:
     def predicted_gains(self, query: np.ndarray, expert_embeddings: np.ndarray) -> np.ndarray | None:
         return None if self.router is None else self.router.predict(query, expert_embeddings)
 
+    def domain_distance(self, query: np.ndarray) -> float | None:
+        return None if self.domain is None else float(self.domain.distance(query)[0])
+
     def to_manifest(self) -> dict:
         return {"default_strategy": self.default_strategy, "strategy_params": self.strategy_params,
                 "gate": None if self.gate is None else asdict(self.gate),
                 "router": None if self.router is None else self.router.params(), "validation": self.validation}
 
     @classmethod
-    def from_manifest(cls, record: dict, router_tensors: dict[str, np.ndarray] | None) -> StoreRouting:
+    def from_manifest(cls, record: dict, router_tensors: dict[str, np.ndarray] | None,
+                      domain_tensors: dict[str, np.ndarray] | None = None) -> StoreRouting:
         router = None
         if record.get("router") is not None and router_tensors is not None:
             router = TransferRouter.from_tensors(router_tensors, record["router"])
         gate = Gate(**record["gate"]) if record.get("gate") else None
-        return cls(record["default_strategy"], record["strategy_params"], gate, router, record.get("validation", {}))
+        domain = DomainModel.from_tensors(domain_tensors) if domain_tensors else None
+        return cls(record["default_strategy"], record["strategy_params"], gate, router, record.get("validation", {}),
+                   domain)

@@ -711,7 +711,9 @@ ROUTING_ARTIFACT = "routing"  # offline validation: router + transfer matrix ten
 def routing_artifact(routing: StoreRouting, transfer_tensors: dict[str, np.ndarray]) -> Artifact:
     """The validated routing as a store artifact: marked stale (and then not served) when the library changes."""
     router = {} if routing.router is None else routing.router.to_tensors()
-    arrays = {f"router.{k}": v for k, v in router.items()} | {f"transfer.{k}": v for k, v in transfer_tensors.items()}
+    domain = {} if routing.domain is None else routing.domain.to_tensors()
+    arrays = ({f"router.{k}": v for k, v in router.items()} | {f"transfer.{k}": v for k, v in transfer_tensors.items()}
+              | {f"domain.{k}": v for k, v in domain.items()})
     return Artifact({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}, routing.to_manifest())
 
 
@@ -728,7 +730,8 @@ def _load_routing(store: Store) -> StoreRouting | None:
         return None
     tensors, record = store.artifact(ROUTING_ARTIFACT)
     router = {k.removeprefix("router."): v.numpy() for k, v in tensors.items() if k.startswith("router.")}
-    return StoreRouting.from_manifest(record["record"], router or None)
+    domain = {k.removeprefix("domain."): v.numpy() for k, v in tensors.items() if k.startswith("domain.")}
+    return StoreRouting.from_manifest(record["record"], router or None, domain or None)
 
 
 def routing_tensors(store: Store) -> dict[str, np.ndarray]:

@@ -207,7 +207,8 @@ def gate_reason(store: Store, query: np.ndarray, exclude: Collection[str] = ()) 
     keep = np.array([e not in set(exclude) for e in store.bank.ids])
     sims = store.bank.embeddings[keep].astype(np.float64) @ query.astype(np.float64)
     gains = routing.predicted_gains(query, store.bank.embeddings[keep])
-    return routing.gate.check(float(sims.max()), None if gains is None else float(gains.max()))
+    return routing.gate.check(float(sims.max()), None if gains is None else float(gains.max()),
+                              routing.domain_distance(query))
 
 
 @torch.no_grad()

@@ -45,6 +45,9 @@ def _solve_masked_kronecker(K_tt: np.ndarray, K_ee: np.ndarray, y_te: np.ndarray
     """β [T, E] (zero off the mask) solving (P(K_T ⊗ K_E)Pᵀ + λI) β = y on the observed entries, by CG.
 
     `tol` bounds the squared residual relative to the squared right-hand side (1e-24: ~1e-12 in norm)."""
+    if mask_te.all():  # the full grid: exact in closed form, (K_T ⊗ K_E + λI)⁻¹ through both eigendecompositions
+        return _solve_full_kronecker(K_tt, K_ee, y_te, ridge)
+
     def apply(v_te: np.ndarray) -> np.ndarray:
         return mask_te * (K_tt @ v_te @ K_ee) + ridge * v_te
 
@@ -66,11 +69,31 @@ def _solve_masked_kronecker(K_tt: np.ndarray, K_ee: np.ndarray, y_te: np.ndarray
     return beta
 
 
-def whitener(embeddings_ne: np.ndarray, shrinkage: float) -> tuple[np.ndarray, np.ndarray]:
-    """(mean m [e], W [e, e]) of φ: W = Σ_s^{-1/2}, Σ_s = (1 − s)·Σ + s·mean-eigenvalue·I."""
+def _solve_full_kronecker(K_tt: np.ndarray, K_ee: np.ndarray, y_te: np.ndarray, ridge: float) -> np.ndarray:
+    """β = (K_T ⊗ K_E + λI)⁻¹ y with every pair observed: K = U Λ Uᵀ on both sides, so the inverse is diagonal in
+    the product eigenbasis (routers fitted on many phrasings per task make CG's mat-vecs the bottleneck)."""
+    lt, ut = np.linalg.eigh(K_tt)
+    le, ue = np.linalg.eigh(K_ee)
+    spectrum = np.clip(lt, 0, None)[:, None] * np.clip(le, 0, None)[None, :] + ridge
+    return ut @ ((ut.T @ y_te @ ue) / spectrum) @ ue.T
+
+
+def whitener(embeddings_ne: np.ndarray, shrinkage: float,
+             groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(mean m [e], W [e, e]) of φ: W = Σ_s^{-1/2}, Σ_s = (1 − s)·Σ + s·mean-eigenvalue·I.
+
+    `groups` [N] (rows that are phrasings of one task share a label): Σ is then the *within*-task covariance —
+    how wording moves an embedding when the task stays — so W scales wording directions down and the directions
+    that tell tasks apart up (within-class whitening, as in speaker verification)."""
     x = np.asarray(embeddings_ne, np.float64)
     mean = x.mean(axis=0)
-    cov = (x - mean).T @ (x - mean) / len(x)
+    centred = x - mean
+    if groups is not None:
+        _, group_of = np.unique(np.asarray(groups), return_inverse=True)
+        sums = np.zeros((group_of.max() + 1, x.shape[1]))
+        np.add.at(sums, group_of, x)
+        centred = x - (sums / np.bincount(group_of)[:, None])[group_of]
+    cov = centred.T @ centred / len(x)
     cov = (1 - shrinkage) * cov + shrinkage * max(np.trace(cov) / len(cov), 1e-12) * np.eye(len(cov))
     eigval, eigvec = np.linalg.eigh(cov)
     return mean, eigvec @ np.diag(np.clip(eigval, 1e-12, None) ** -0.5) @ eigvec.T
@@ -121,8 +144,11 @@ class TransferRouter:
 
 def fit_transfer_router(task_embeddings: np.ndarray, expert_embeddings: np.ndarray, gains_te: np.ndarray,
                         mask_te: np.ndarray | None = None, bandwidth: float = 0.0, ridge: float = 0.1,
-                        shrinkage: float = 1.0) -> TransferRouter:
-    """Kernel ridge on the observed gains G[t, e] (mask: which pairs were measured; default all)."""
+                        shrinkage: float = 1.0, groups: np.ndarray | None = None) -> TransferRouter:
+    """Kernel ridge on the observed gains G[t, e] (mask: which pairs were measured; default all).
+
+    Rows t may be several phrasings of one task (same gains, `groups` labels them): the router then learns that
+    wording does not change which expert helps, and `groups` whitens by the within-task covariance."""
     gains_te = np.asarray(gains_te, dtype=np.float64)
     mask_te = np.ones_like(gains_te) if mask_te is None else np.asarray(mask_te, dtype=np.float64)
     if gains_te.shape != (len(task_embeddings), len(expert_embeddings)) or mask_te.shape != gains_te.shape:
@@ -134,7 +160,7 @@ def fit_transfer_router(task_embeddings: np.ndarray, expert_embeddings: np.ndarr
         raise ValueError(f"need ridge > 0, bandwidth >= 0 and 0 < shrinkage <= 1; "
                          f"got {ridge}, {bandwidth}, {shrinkage}")
     bias = float((gains_te * mask_te).sum() / mask_te.sum())
-    mean, whiten = whitener(task_embeddings, shrinkage)
+    mean, whiten = whitener(task_embeddings, shrinkage, groups)
     task_f, expert_f = features(task_embeddings, mean, whiten), features(expert_embeddings, mean, whiten)
     K_tt, K_ee = kernel(task_f, task_f, bandwidth), kernel(expert_f, expert_f, bandwidth)
     beta = _solve_masked_kronecker(K_tt, K_ee, np.where(mask_te > 0, gains_te - bias, 0.0), mask_te, ridge)
