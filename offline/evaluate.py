@@ -425,7 +425,7 @@ def run_evaluation(config: BuildConfig, out: Path, seeds: Sequence[int] = (0,), 
     write_json(out / "config.json", {"build": config.to_dict(), "eval": asdict(eval_cfg), "seeds": list(seeds),
                                      "eval_dataset": asdict(eval_dataset) if eval_dataset else None,
                                      "command": command})
-    per_seed, started = [], time.perf_counter()
+    per_seed, started, source = [], time.perf_counter(), provenance(command)
     for seed in seeds:
         cfg = seeded(config, seed)
         seed_dir = out / f"seed{seed}"
@@ -443,7 +443,8 @@ def run_evaluation(config: BuildConfig, out: Path, seeds: Sequence[int] = (0,), 
         if all(section in r for r in per_seed):
             summary[section] = mean_std_grid([r[section] for r in per_seed])
     summary["headline"] = headline(per_seed)
-    results = {"seeds": list(seeds), "provenance": provenance(command, time.perf_counter() - started),
+    source |= {"wall_s": time.perf_counter() - started, "load_average_at_end": list(os.getloadavg())}
+    results = {"seeds": list(seeds), "provenance": source,
                "summary": summary, "per_seed": per_seed}
     write_json(out / "split.json", {f"seed{r['seed']}": r["split"] for r in per_seed})
     write_json(out / "results.json", results)
@@ -453,8 +454,9 @@ def run_evaluation(config: BuildConfig, out: Path, seeds: Sequence[int] = (0,), 
     return Report(out, results, markdown)
 
 
-def provenance(command: str, wall_s: float) -> dict:
-    """What a figure came from: the commit (and whether the tree was clean), the machine, threads, wall time."""
+def provenance(command: str) -> dict:
+    """What a figure came from: the commit (and whether the tree was clean), the machine, threads; taken when the
+    run starts (the run adds its wall time when it ends)."""
     def git(*args: str) -> str | None:
         try:
             return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
@@ -465,8 +467,8 @@ def provenance(command: str, wall_s: float) -> dict:
     return {"command": command, "commit": git("rev-parse", "HEAD"),
             "tree_clean": git("status", "--porcelain", "--untracked-files=no") is None,
             "machine": f"{platform.node()} {platform.machine()} {platform.platform()}", "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "load_average_at_end": list(os.getloadavg()),
-            "wall_s": wall_s}
+            "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "load_average_at_start": list(os.getloadavg())}
 
 
 def pooled_headroom(cases: Sequence[tuple[float, float, float]]) -> float:
