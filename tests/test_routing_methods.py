@@ -174,3 +174,18 @@ def test_gate_reasons_with_a_domain_threshold() -> None:
     assert "far from every expert's domain" in gate.check(0.9, 2.0, domain_distance=2.5)
     assert "5 %" in gate.check(0.9, 2.0, domain_distance=2.5)
     assert "no expert is predicted to help" in gate.check(0.9, -1.0, domain_distance=1.0)
+
+
+def test_per_task_domain_measures_distance_to_the_nearest_task_under_wording_covariance() -> None:
+    from app.ml.domain_gate import DomainModel, fit_domain
+
+    rng = np.random.default_rng(8)
+    tasks, emb, _, worded = worded_family(rng, wording_strength=0.5)
+    groups = np.repeat(np.arange(len(tasks)), [len(w) for w in worded])
+    domain = fit_domain(np.concatenate(worded), shrinkage=0.1, groups=groups)
+    assert domain.centres.shape == (len(tasks), 16)
+    np.testing.assert_allclose(domain.centres[3], worded[3].mean(axis=0))
+    # a task's own wordings are nearer to the domain than anything off the family's subspace
+    assert domain.distance(worded[3]).max() < np.quantile(domain.distance(unit(rng.normal(size=(20, 16)))), 0.05)
+    again = DomainModel.from_tensors(domain.to_tensors())
+    np.testing.assert_allclose(again.distance(worded[5]), domain.distance(worded[5]))
