@@ -436,15 +436,23 @@ def run_evaluation(config: BuildConfig, out: Path, seeds: Sequence[int] = (0,), 
         per_seed.append(evaluate_seed(cfg, seed, seed_dir, eval_cfg, eval_dataset, store_dir, device, progress,
                                       shared_base if store_dir is None else None))
         per_seed[-1]["wall_s"] = time.perf_counter() - t0
-        write_json(seed_dir / "results.json", per_seed[-1])  # each seed's numbers as soon as it is done
+        # Everything is rewritten after each seed, marked incomplete until the last: a long run that is stopped
+        # still leaves the summary of the seeds it finished (and says which).
+        report = write_report(out, seeds, per_seed, source | {"wall_s": time.perf_counter() - started}, command)
+    return report
+
+
+def write_report(out: Path, seeds: Sequence[int], per_seed: list[dict], source: dict, command: str) -> Report:
+    """Summary over the seeds done so far, and results.json / split.json / report.md / recall.png."""
     summary = {"average": mean_std_grid([r["average"] for r in per_seed]),
                "checks": {name: mean_std_grid([r["checks"][name] for r in per_seed]) for name in per_seed[0]["checks"]}}
     for section in ("wordings", "out_of_domain"):
         if all(section in r for r in per_seed):
             summary[section] = mean_std_grid([r[section] for r in per_seed])
     summary["headline"] = headline(per_seed)
-    source |= {"wall_s": time.perf_counter() - started, "load_average_at_end": list(os.getloadavg())}
-    results = {"seeds": list(seeds), "provenance": source,
+    done = [r["seed"] for r in per_seed]
+    results = {"seeds": done, "seeds_asked": list(seeds), "complete": done == list(seeds),
+               "provenance": source | {"load_average_at_end": list(os.getloadavg())},
                "summary": summary, "per_seed": per_seed}
     write_json(out / "split.json", {f"seed{r['seed']}": r["split"] for r in per_seed})
     write_json(out / "results.json", results)
@@ -549,7 +557,8 @@ def render_report(results: dict, command: str) -> str:
     skipped = sum(len(r["headroom_skipped"]) for r in per_seed)
     parts = [
         "# SG-LoRA evaluation on unseen tasks",
-        f"Command: `{command}`",
+        f"Command: `{command}`" + ("" if results.get("complete", True) else
+                                    f" — **incomplete: seeds {seeds} of {results['seeds_asked']} done**"),
         f"Seeds {seeds} (mean ± std over seeds); {n_tasks} unseen tasks per seed; library of "
         f"{len(per_seed[0]['split']['seen'])} experts; held-out pairs per task: "
         f"{sorted(set(per_seed[0]['split']['held_out_pairs'].values()))}. Recall in %; a retrieved item is "
