@@ -12,10 +12,12 @@ is farther from every expert than any seen task was from the rest of the library
 
 from __future__ import annotations
 
+import threading
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from app.ml.gain_index import GainIndex
 from app.ml.transfer_router import TransferRouter
 
 FALLBACK_PARAMS = {"k": 4, "tau": 0.05}  # stores without validation: the paper's K and a peer's τ
@@ -44,12 +46,24 @@ class StoreRouting:
     gate: Gate | None = None
     router: TransferRouter | None = None
     validation: dict = field(default_factory=dict)  # the figures behind the choices (manifest "routing.validation")
+    _gain_index: GainIndex | None = field(default=None, init=False, repr=False, compare=False)
+    _gain_index_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     def params_for(self, strategy: str) -> dict:
         return self.strategy_params.get(strategy, FALLBACK_PARAMS)
 
     def predicted_gains(self, query: np.ndarray, expert_embeddings: np.ndarray) -> np.ndarray | None:
         return None if self.router is None else self.router.predict(query, expert_embeddings)
+
+    def gain_index(self, expert_embeddings: np.ndarray) -> GainIndex | None:
+        """The router's ranking over the library it was validated on, as an index: built on first use (once per
+        loaded store; a changed library makes the routing stale, so it is never reused for other experts)."""
+        if self.router is None:
+            return None
+        with self._gain_index_lock:
+            if self._gain_index is None or self._gain_index.embeddings is not expert_embeddings:
+                self._gain_index = GainIndex(self.router, expert_embeddings)
+            return self._gain_index
 
     def to_manifest(self) -> dict:
         return {"default_strategy": self.default_strategy, "strategy_params": self.strategy_params,
