@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from bench import cvae_sample, generation, lora_forward
 from bench.__main__ import main
 from bench.timing import threads
@@ -45,7 +47,10 @@ def test_library_benchmark_runs_small(tmp_path):
     from bench import library
 
     library.build_store(tmp_path / "lib", 3, "float16")  # ViT-B/16-sized rows, three of them
-    row = library.measure_store(tmp_path / "lib", requests=4, k=2, in_memory=False)
+    before = torch.get_num_threads()
+    with threads(before):  # measure_store pins one thread for the subprocess it normally runs in: restore it here
+        row = library.measure_store(tmp_path / "lib", requests=4, k=2, in_memory=False)
+    assert torch.get_num_threads() == before  # every later test in this process runs at the thread count it set
     assert row["bytes"] > 3 * library.VIT_B16_D * 2 * 2 and _positive(row["p50_ms"]) and row["open_s"] > 0
     routing = library.run_routing([300], queries=20, k=4)[0]
     assert routing["index"] == "Flat" and routing["recall@4"] == 1.0  # below the threshold: exact
