@@ -4,12 +4,27 @@ Nothing here is timed against a threshold; the numbers are `python -m bench`'s b
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 
 from bench import cvae_sample, generation, lora_forward
 from bench.__main__ import main
 from bench.timing import threads
+
+
+@contextmanager
+def threads_restored():
+    """The benchmarks pin torch's and faiss's thread counts for the process they normally own; run in-process here,
+    they must not leave every later test of the session at another thread count than when that test runs alone."""
+    import faiss
+
+    torch_before, faiss_before = torch.get_num_threads(), faiss.omp_get_max_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(torch_before)
+        faiss.omp_set_num_threads(faiss_before)
 
 
 def _positive(x) -> bool:
@@ -47,11 +62,10 @@ def test_library_benchmark_runs_small(tmp_path):
     from bench import library
 
     library.build_store(tmp_path / "lib", 3, "float16")  # ViT-B/16-sized rows, three of them
-    before = torch.get_num_threads()
-    with threads(before):  # measure_store pins one thread for the subprocess it normally runs in: restore it here
+    with threads_restored():  # measure_store pins one thread for the subprocess it normally runs in
         row = library.measure_store(tmp_path / "lib", requests=4, k=2, in_memory=False)
-    assert torch.get_num_threads() == before  # every later test in this process runs at the thread count it set
     assert row["bytes"] > 3 * library.VIT_B16_D * 2 * 2 and _positive(row["p50_ms"]) and row["open_s"] > 0
-    routing = library.run_routing([300], queries=20, k=4)[0]
+    with threads_restored():  # run_routing leaves faiss at one OpenMP thread, as `python -m bench.library` wants
+        routing = library.run_routing([300], queries=20, k=4)[0]
     assert routing["index"] == "Flat" and routing["recall@4"] == 1.0  # below the threshold: exact
     assert "| 300 | Flat |" in library._routing_row(routing, 4)
