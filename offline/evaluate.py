@@ -43,6 +43,7 @@ from app.ml.strategies import GenerationRequest, default_strategy, generate_adap
 from offline import pipeline
 from offline.config import TINY, BuildConfig, DatasetConfig, TaskSplit, load_tasks, split_dataset
 from offline.data import Task
+from offline.threads import fixed_threads
 from offline.train_experts import describe, encode_pairs, train_expert
 
 logger = logging.getLogger(__name__)
@@ -393,7 +394,8 @@ def run_evaluation(config: BuildConfig, out: Path, seeds: Sequence[int] = (0,), 
         seed_dir = out / f"seed{seed}"
         seed_dir.mkdir(exist_ok=True)
         write_json(seed_dir / "build_config.json", cfg.to_dict())  # `python -m offline build --config` input
-        per_seed.append(evaluate_seed(cfg, seed, seed_dir, eval_cfg, eval_dataset, store_dir, device, progress))
+        with fixed_threads(cfg.threads):  # the oracles and scores, like the store, do not depend on the machine
+            per_seed.append(evaluate_seed(cfg, seed, seed_dir, eval_cfg, eval_dataset, store_dir, device, progress))
     summary = {"average": mean_std_grid([r["average"] for r in per_seed]),
                "checks": {name: mean_std_grid([r["checks"][name] for r in per_seed]) for name in per_seed[0]["checks"]}}
     results = {"seeds": list(seeds), "summary": summary, "per_seed": per_seed}

@@ -39,6 +39,7 @@ from offline.config import BuildConfig, TaskSplit, load_tasks, split_dataset
 from offline.data import LoadReport
 from offline.engine import LocalEngine, RayEngine
 from offline.pretrain_base import pretrain_base
+from offline.threads import build_environment, with_config_threads
 from offline.train_cvae import train_cvae
 from offline.train_experts import (
     expert_path,
@@ -90,6 +91,7 @@ def make_context(config: BuildConfig, out: Path) -> BuildContext:
     return BuildContext(config, Path(out), split_dataset(tasks, config.dataset))
 
 
+@with_config_threads
 def ensure_base(ctx: BuildContext, progress: bool = True) -> None:
     base = ctx.base_weights
     if base is not None and not base.exists():
@@ -118,6 +120,7 @@ def expert_shared(ctx: BuildContext, engine: LocalEngine | RayEngine) -> dict:
             "experts": asdict(ctx.config.experts), "device": device}
 
 
+@with_config_threads
 def step_train_experts(ctx: BuildContext, shard: int = 0, num_shards: int = 1, progress: bool = True,
                        engine: LocalEngine | RayEngine | None = None) -> list[str]:
     """Train this shard's missing experts on `engine` (default: local); returns the names trained."""
@@ -129,7 +132,8 @@ def step_train_experts(ctx: BuildContext, shard: int = 0, num_shards: int = 1, p
     trained = []
     try:
         for name, result in engine.map(train_expert_item, items, shared=expert_shared(ctx, engine), total=len(todo),
-                                       desc=f"experts (shard {shard}/{num_shards})", progress=progress):
+                                       desc=f"experts (shard {shard}/{num_shards})", progress=progress,
+                                       threads=ctx.config.threads):
             write_expert(expert_path(ctx.experts_dir, name), record_from_result(name, result))
             trained.append(name)
     finally:
@@ -137,12 +141,13 @@ def step_train_experts(ctx: BuildContext, shard: int = 0, num_shards: int = 1, p
     return trained
 
 
+@with_config_threads
 def step_build_library(ctx: BuildContext, cvae: TrainedCVAE | None = None, artifacts: dict | None = None) -> str:
     backbone, layout = adapted_backbone(ctx)
     return build_library(ctx.out, ctx.experts_dir, ctx.split.seen, base_model=ctx.base_model_record(backbone),
                          lora_config=ctx.config.lora, layout=layout, index_factory=ctx.config.index_factory,
                          cvae=cvae, base_weights_file=ctx.base_weights, dtype=ctx.config.library_dtype,
-                         artifacts=artifacts)
+                         artifacts=artifacts, build=build_environment(ctx.config.threads))
 
 
 def held_out_of_seen(ctx: BuildContext, backbone: Backbone) -> dict[str, HeldOut]:
@@ -151,6 +156,7 @@ def held_out_of_seen(ctx: BuildContext, backbone: Backbone) -> dict[str, HeldOut
             if ctx.split.test_pairs.get(t.name)}
 
 
+@with_config_threads
 def make_loto(ctx: BuildContext, store: Store) -> tuple[LOTO | None, dict]:
     """(LOTO scorer or None when the store has no transfer matrix, the matrix's tensors)."""
     tensors = routing_tensors(store)
@@ -164,6 +170,7 @@ def make_loto(ctx: BuildContext, store: Store) -> tuple[LOTO | None, dict]:
     return LOTO(store, backbone, layout, held_out, tm), tensors
 
 
+@with_config_threads
 def step_validate(ctx: BuildContext, progress: bool = True, engine: LocalEngine | RayEngine | None = None) -> str:
     """Transfer matrix (on `engine`, one item per seen task) + router + every choice by leave-one-task-out
     retrieval, recorded in the store."""
@@ -176,7 +183,8 @@ def step_validate(ctx: BuildContext, progress: bool = True, engine: LocalEngine 
     shared = expert_shared(ctx, engine) | {"mu": store.bank.mu.numpy()}
     try:
         transfer = measure_transfer(shared, store.bank.ids, store.bank.embeddings, pairs, engine,
-                                    nearest=ctx.config.transfer_nearest, progress=progress)
+                                    nearest=ctx.config.transfer_nearest, progress=progress,
+                                    threads=ctx.config.threads)
     finally:
         release_worker_state()
     backbone, layout = adapted_backbone(ctx)
@@ -194,6 +202,7 @@ def cvae_prior(routing: StoreRouting | None) -> str:
     return max(merges, key=lambda s: table[s]["loto_mr1"]) if merges else "topk_weighted"
 
 
+@with_config_threads
 def step_train_cvae(ctx: BuildContext, progress: bool = True) -> str:
     """The CVAE, conditioned on the best-validated merge and early-stopped by LOTO retrieval when validated."""
     store = load_store(ctx.out)

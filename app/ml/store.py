@@ -391,8 +391,11 @@ def write_store(
     base_weights_file: Path | None = None,
     dtype: str = "float32",
     artifacts: dict[str, Artifact] | None = None,
+    build: dict | None = None,
 ) -> str:
     """Write a complete store atomically (temp dir + rename); returns its version (a content hash).
+
+    `build`: what the store was built with (threads, library versions): recorded, not part of the version.
 
     `index_factory` is a faiss factory string, or "auto" (exact up to a size threshold, IVF above; see
     `choose_index`). `artifacts`: named extras (`Store.artifact(name)` reads them back).
@@ -439,6 +442,7 @@ def write_store(
             "files": files,
             "sizes": sizes,
             "parent_version": None,
+            "build": build,
         })
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         _replace_dir(tmp, path)
@@ -562,7 +566,7 @@ def update_store(path: Path, add: NewExperts | None = None, remove: Sequence[str
 
 
 _KNOWN_SECTIONS = {"format_version", "version", "parent_version", "change", "created_unix", "base_model", "lora",
-                   "layout", "library", "experts", "index", "artifacts", "cvae", "files", "sizes"}
+                   "layout", "library", "experts", "index", "artifacts", "cvae", "files", "sizes", "build"}
 
 
 def _next_manifest(path: Path, current: dict, kept: list[dict], add: NewExperts | None, remove: Sequence[str],
