@@ -19,14 +19,16 @@ from contextlib import contextmanager
 from functools import wraps
 from typing import Any
 
-import numpy as np
-import torch
 from threadpoolctl import threadpool_limits
+
+# torch is imported inside the functions, so importing the engine (which imports this module) stays light.
 
 
 @contextmanager
 def fixed_threads(n: int) -> Iterator[None]:
     """Run the block with `n` intra-op threads (torch) and `n` BLAS/OpenMP threads; restore them after."""
+    import torch
+
     if n < 1:
         raise ValueError(f"threads must be >= 1, got {n}")
     before = torch.get_num_threads()
@@ -52,7 +54,9 @@ def with_config_threads(step: Callable[..., Any]) -> Callable[..., Any]:
 def build_environment(threads: int) -> dict:
     """What a store was built with (recorded in its manifest, outside the content hash that names its version)."""
     import faiss
+    import numpy as np
     import open_clip
+    import torch
 
     return {"threads": threads, "torch": torch.__version__, "numpy": np.__version__, "faiss": faiss.__version__,
             "open_clip": open_clip.__version__, "python": platform.python_version(), "machine": platform.machine()}
