@@ -62,7 +62,9 @@ def _digests(directory: Path) -> dict[str, str]:
 def two_builds(tmp_path_factory, ray_engine):
     root = tmp_path_factory.mktemp("engines")
     before = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)  # the machine's default (conftest pins 2): the build must not care
+    # The machine's default thread count (conftest pins 2), at least 2 so it differs from the build's 1: with this
+    # config, experts trained with 1 and 2 threads differ in every file, so the build must pin its own.
+    torch.set_num_threads(max(2, os.cpu_count() or 1))
     try:
         local_ctx, local_trained = _build(root / "local" / "store", LocalEngine())
     finally:
