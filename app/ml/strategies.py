@@ -213,6 +213,19 @@ def gate_reason(store: Store, query: np.ndarray, exclude: Collection[str] = ()) 
     return routing.gate.check(float(coverage_1[0]), best_gain)
 
 
+def routed_rows(store: Store, strategy: str, req: GenerationRequest, n: int) -> list[int]:
+    """Bank rows of the n experts `strategy`'s router ranks first for the request (by predicted gain where the
+    strategy or its CVAE's prior routes so, else by cosine): few-shot refinement's candidates (app/ml/fewshot.py)."""
+    prior = cvae_prior_name(store) if strategy in ("sglora", "sglora_mean") else strategy
+    n = min(n, len(store.bank) - len(set(req.exclude) & set(store.bank.ids)))
+    gains_e = None
+    if prior == "transfer_routed" and store.routing is not None:
+        gains_e = store.routing.predicted_gains(req.query, store.bank.embeddings)
+    if gains_e is not None:
+        return route_by_gain(store.bank, gains_e, req.query, n, req.exclude)[0]
+    return route(store.bank, req.query, n, exclude=req.exclude)[0]
+
+
 @torch.no_grad()
 def generate_adapters(store: Store, strategy: str, request: GenerationRequest) -> Generation:
     check_strategy(strategy)
