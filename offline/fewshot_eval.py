@@ -24,11 +24,11 @@ import torch
 from tqdm import tqdm
 
 from app.ml.backbone import Backbone, load_backbone
-from app.ml.fewshot import METHODS, Examples, FewShotConfig, Refinement, refine
+from app.ml.fewshot import METHODS, Examples, FewShotConfig, Refinement, refine_routed
 from app.ml.lora import LoRALayout, inject_lora
 from app.ml.retrieval import embed_pairs, recall_at_k, same_caption_mask
 from app.ml.store import Store, load_store
-from app.ml.strategies import GenerationRequest, default_strategy, generate_adapters, routed_rows
+from app.ml.strategies import GenerationRequest, default_strategy, generate_adapters
 from offline.config import BuildConfig
 from offline.data import Pair
 from offline.train_experts import describe, encode_pairs
@@ -51,10 +51,7 @@ def refined_adapter(store: Store, backbone: Backbone, layout: LoRALayout, query:
     strategy = default_strategy(store)
     request = GenerationRequest(query=query, seed=seed, exclude=tuple(exclude))
     start = generate_adapters(store, strategy, request).vectors[0]
-    rows = routed_rows(store, strategy, request, config.candidates)
-    candidates, _ = store.bank.gather(rows)
-    return refine(backbone, layout, store.lora_config.scale, start, candidates, examples, config,
-                  [store.bank.ids[r] for r in rows])
+    return refine_routed(store, backbone, layout, strategy, request, start, examples, config)
 
 
 @dataclass(frozen=True)

@@ -262,3 +262,15 @@ def refine(backbone: Backbone, layout: LoRALayout, scale: float, start_d: torch.
     return Refinement(best.float().cpu(), config.method, len(examples), stop.steps, clock() - t0,
                       stop.reason != STOP_STEPS, stop.reason, before, after, stop.start_loss, stop.best_loss,
                       stop.best_weights, ids)
+
+
+def refine_routed(store, backbone: Backbone, layout: LoRALayout, strategy: str, request, start_d: torch.Tensor,
+                  examples: Examples, config: FewShotConfig = FewShotConfig()) -> Refinement:
+    """`refine` over the candidates `strategy`'s router ranks first for `request` (a GenerationRequest): what the
+    service and the offline evaluation both serve for a description plus examples."""
+    from app.ml.strategies import routed_rows  # strategies is the store-aware layer; this module stays below it
+
+    rows = routed_rows(store, strategy, request, config.candidates)
+    candidates, _ = store.bank.gather(rows)
+    return refine(backbone, layout, store.lora_config.scale, start_d, candidates, examples, config,
+                  [store.bank.ids[r] for r in rows])
