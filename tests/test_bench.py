@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import torch
 
-from bench import cvae_sample, generation, lora_forward
+from bench import cvae_sample, fewshot, generation, lora_forward
 from bench.__main__ import main
 from bench.timing import threads
 
@@ -56,6 +56,16 @@ def test_generation_benchmark_runs_on_the_tiny_store(tiny_build):
     assert {"zero_shot", "topk_weighted", "sglora"} <= set(by_strategy)
     assert by_strategy["zero_shot"]["ratio"] == 1.0
     assert all(_positive(r["e2e_ms"]) and _positive(r["ratio"]) for r in rows)
+
+
+def test_fewshot_benchmark_runs_on_the_tiny_store(tiny_build):
+    with threads(1):
+        rows = fewshot.run(tiny_build.out, n_examples=4, repeats=1, estimate_model="tiny_clip")
+    served, fixed, estimate = rows
+    assert served["steps"] >= 1 and _positive(served["seconds"])
+    assert fixed["steps"] == fewshot.FIXED_STEPS and _positive(fixed["x_image_fwd_per_step"])
+    assert estimate["model"] == "tiny_clip (estimate)" and _positive(estimate["seconds"])
+    assert "(d) few-shot refinement" in fewshot.table(rows)
 
 
 def test_library_benchmark_runs_small(tmp_path):
