@@ -217,12 +217,12 @@ def routed_rows(store: Store, strategy: str, req: GenerationRequest, n: int) -> 
     """Bank rows of the n experts `strategy`'s router ranks first for the request (by predicted gain where the
     strategy or its CVAE's prior routes so, else by cosine): few-shot refinement's candidates (app/ml/fewshot.py)."""
     prior = cvae_prior_name(store) if strategy in ("sglora", "sglora_mean") else strategy
-    n = min(n, len(store.bank) - len(set(req.exclude) & set(store.bank.ids)))
-    gains_e = None
+    n = min(n, len(store.bank) - len(store.bank.rows_of(req.exclude)))
+    gain_index = None
     if prior == "transfer_routed" and store.routing is not None:
-        gains_e = store.routing.predicted_gains(req.query, store.bank.embeddings)
-    if gains_e is not None:
-        return route_by_gain(store.bank, gains_e, req.query, n, req.exclude)[0]
+        gain_index = store.routing.gain_index(store.bank.embeddings)
+    if gain_index is not None:
+        return route_by_gain_index(store.bank, gain_index, req.query, n, req.exclude)[0]
     return route(store.bank, req.query, n, exclude=req.exclude)[0]
 
 
