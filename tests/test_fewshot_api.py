@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from app.ml.fewshot import METHODS
 from app.services.fewshot import RawExample, examples_sha256
 from tests.test_service_support import encode, png_b64, redis_client, serving, settings_for
 
@@ -47,7 +48,7 @@ def test_examples_refine_the_adapter_and_the_response_says_what_they_did(served,
     assert r.status_code == 200, r.text
     body = r.json()
     refinement = body["refinement"]
-    assert refinement["examples"] == N_EXAMPLES and refinement["method"] in ("lorahub", "weights", "factors")
+    assert refinement["examples"] == N_EXAMPLES and refinement["method"] in METHODS
     assert refinement["steps"] >= 1 and refinement["seconds"] >= 0 and isinstance(refinement["stopped_early"], bool)
     assert refinement["stop_reason"]
     for name in ("loss_before", "loss_after", "check_loss_before", "check_loss_after"):

@@ -12,7 +12,8 @@ Methods (METHODS), each fitting CLIP's symmetric InfoNCE on the examples:
             (4 + 3·ln(C+1) objective evaluations, forward passes only);
   weights   a few Adam steps on w, through the candidates' factors side by side (rank (C+1)·r: exactly Σ w_j ΔW_j,
             differentiable, no truncation while fitting; lora.per_sample_factors), same L1 term;
-  factors   a few Adam steps on the description-only adapter's own factors (fine-tuning from it).
+  factors   a few Adam steps on the description-only adapter's own factors (fine-tuning from it);
+  weights+factors  `weights` until the check loss stops improving, then `factors` from the best merge.
 
 Refusing to overfit: the examples are split into a fit half and a check half (seeded). After every step the adapter
 that would be served is scored on the check half; the best so far is kept (the start included, so refinement never
@@ -37,7 +38,7 @@ from app.ml.delta_merge import merge_delta_mean
 from app.ml.lora import LoRALayout, per_sample_factors, per_sample_lora, vectors_to_factors
 from app.ml.retrieval import contrastive_loss
 
-METHODS = ("lorahub", "weights", "factors")
+METHODS = ("lorahub", "weights", "factors", "weights+factors")
 DEFAULT_METHOD = "weights"  # chosen by held-out retrieval on seen tasks (docs/method.md, "Few-shot refinement")
 
 STOP_CHECK = "check loss stopped improving"
@@ -202,8 +203,9 @@ def _fit_weights(obj: _Objective, fit: Examples, stop: _EarlyStop, config: FewSh
             return
 
 
-def _fit_factors(obj: _Objective, fit: Examples, stop: _EarlyStop, config: FewShotConfig) -> None:
-    v = obj.stack[0].detach().clone().requires_grad_(True)
+def _fit_factors(obj: _Objective, fit: Examples, stop: _EarlyStop, config: FewShotConfig,
+                 start: torch.Tensor | None = None) -> None:
+    v = (obj.stack[0] if start is None else start).detach().clone().requires_grad_(True)
     optimiser = torch.optim.Adam([v], lr=config.lr_factors)
     while True:
         loss = obj.of_vector(v, fit)
@@ -234,7 +236,17 @@ def _fit_lorahub(obj: _Objective, fit: Examples, stop: _EarlyStop, config: FewSh
             return
 
 
-_FITS = {"lorahub": _fit_lorahub, "weights": _fit_weights, "factors": _fit_factors}
+def _fit_weights_then_factors(obj: _Objective, fit: Examples, stop: _EarlyStop, config: FewShotConfig) -> None:
+    """Merge weights until the check loss stops improving, then fine-tune the best merge's factors (same
+    patience, the remaining steps and time)."""
+    _fit_weights(obj, fit, stop, config)
+    if stop.reason == STOP_CHECK:
+        stop.reason, stop.since_best = None, 0
+        _fit_factors(obj, fit, stop, config, start=stop.best_vector)
+
+
+_FITS = {"lorahub": _fit_lorahub, "weights": _fit_weights, "factors": _fit_factors,
+         "weights+factors": _fit_weights_then_factors}
 
 
 def refine(backbone: Backbone, layout: LoRALayout, scale: float, start_d: torch.Tensor, candidates_cd: torch.Tensor,
