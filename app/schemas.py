@@ -63,8 +63,8 @@ class Example(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    image: str = Field(..., description="base64 JPEG/PNG/WebP (a data: URL prefix is accepted)")
-    caption: Text = Field(..., description="the caption that goes with the image (not empty)")
+    image: str = Field(..., min_length=1, description="base64 JPEG/PNG/WebP (a data: URL prefix is accepted)")
+    caption: Text = Field(..., min_length=1, description="the caption that goes with the image (not blank)")
 
 
 EXAMPLES_DESCRIPTION = ("image-caption pairs of the task (at most the server's max_examples, 16 by default): the "
