@@ -58,9 +58,31 @@ class GenerationOptions(BaseModel):
         return value
 
 
+class Example(BaseModel):
+    """One image-caption pair of the task, for few-shot refinement."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(..., min_length=1, description="base64 JPEG/PNG/WebP (a data: URL prefix is accepted)")
+    caption: Text = Field(..., min_length=1, description="the caption that goes with the image (not blank)")
+
+
+EXAMPLES_DESCRIPTION = ("image-caption pairs of the task (at most the server's max_examples, 16 by default): the "
+                        "description's adapter is refined on them (merge weights over its routed experts, fitted on "
+                        "half, checked on the other half; 4 or more are needed to change anything). Omit for the "
+                        "description-only adapter")
+
+
 class GenerateRequest(GenerationOptions):
     description: Text = Field(..., description="one line describing the task", examples=["a photo of a red circle"])
     num_samples: int = Field(1, ge=1, description="adapters to sample (sglora); each gets its own adapter_id")
+    examples: list[Example] | None = Field(None, description=EXAMPLES_DESCRIPTION)
+
+
+REFINEMENT_DESCRIPTION = ("what the examples did (null without examples): method, examples, steps, seconds, "
+                          "loss_before/loss_after (contrastive loss on all the examples), check_loss_before/"
+                          "check_loss_after (on the held-out half), stopped_early and stop_reason, weights (over "
+                          "the description-only adapter, then candidate_ids)")
 
 
 class Coverage(BaseModel):
@@ -83,6 +105,7 @@ class GenerateResponse(BaseModel):
     coverage: Coverage
     gated: str | None = Field(None, description="why the confidence gate served zero-shot (B = 0) instead of "
                                                 "the strategy's adapter; null when it did not")
+    refinement: dict | None = Field(None, description=REFINEMENT_DESCRIPTION)
     metadata: dict[str, str]
 
 
@@ -97,6 +120,7 @@ class RetrieveOptions(GenerationOptions):
 
 class RetrieveJSON(RetrieveOptions):
     images: list[str] = Field(..., min_length=1, description="base64 JPEG/PNG/WebP (a data: URL prefix is accepted)")
+    examples: list[Example] | None = Field(None, description=EXAMPLES_DESCRIPTION + " (with description only)")
 
 
 class Ranked(BaseModel):
@@ -122,6 +146,7 @@ class AdapterUsed(BaseModel):
     strategy: str | None = None
     max_similarity: float | None = None
     gated: str | None = Field(None, description="why the confidence gate fell back to zero-shot (null: it did not)")
+    refinement: dict | None = Field(None, description=REFINEMENT_DESCRIPTION)
 
 
 class RetrieveResponse(BaseModel):

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from bench import cvae_sample, generation, lora_forward
+from bench import cvae_sample, fewshot, generation, lora_forward
 from bench.timing import threads
 
-SECTIONS = ("lora", "generation", "cvae")
+SECTIONS = ("lora", "generation", "cvae", "fewshot")
 MODEL_ALIASES = {"tiny": "tiny_clip"}
 
 
@@ -46,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", type=_ints, default=[1, 8, 32], help="for (a), e.g. 1,8,32")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds per measurement (median)")
     parser.add_argument("--store", type=Path, default=generation.DEFAULT_STORE, help="model store for (b)")
-    parser.add_argument("--sections", type=_sections, default=list(SECTIONS), help="comma list of lora,generation,cvae")
+    parser.add_argument("--sections", type=_sections, default=list(SECTIONS),
+                        help="comma list of lora,generation,cvae,fewshot")
+    parser.add_argument("--examples", type=int, default=8, help="for (d): examples per refinement (default 8)")
+    parser.add_argument("--estimate-model", default="ViT-B-16",
+                        help="for (d): the model whose refinement time is estimated from the measured ratio")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: 1 on CPU, where other processes compete for the cores "
                              "and a multi-threaded op waits for its slowest thread; torch's default on CUDA)")
@@ -88,6 +92,14 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             results["cvae"] = cvae_sample.run(device=args.device, repeats=repeats(15))
             print(f"\n{cvae_sample.table(results['cvae'])}\n[{time.perf_counter() - t0:.0f} s]", flush=True)
+        if "fewshot" in args.sections:
+            if (args.store / "manifest.json").is_file():
+                t0 = time.perf_counter()
+                results["fewshot"] = fewshot.run(args.store, n_examples=args.examples, device=args.device,
+                                                 repeats=repeats(5), estimate_model=args.estimate_model or None)
+                print(f"\n{fewshot.table(results['fewshot'])}\n[{time.perf_counter() - t0:.0f} s]", flush=True)
+            else:
+                print(f"\n(d) few-shot refinement: skipped, no model store at {args.store}", flush=True)
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

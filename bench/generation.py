@@ -19,7 +19,7 @@ from app.ml.store import load_store
 from app.ml.strategies import STRATEGIES, GenerationRequest, StrategyUnavailable, generate_adapters
 from bench.timing import format_table, time_interleaved
 
-DEFAULT_STORE = Path("/tmp/st/tiny")
+DEFAULT_STORE = Path("model_store/tiny")  # where `make serve` builds the demo store
 DESCRIPTION = "a photo of a red circle"
 
 

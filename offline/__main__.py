@@ -166,6 +166,8 @@ def evaluate(
     checks: bool = typer.Option(True, "--checks/--no-checks", help="shuffled / coverage / spread / sweep"),
     only_checks: list[str] = typer.Option([], "--check", help="run only this check (repeatable): semantic | "
                                           "coverage | spread | sweep"),
+    examples: list[int] = typer.Option([], "--examples", help="rows for the default refined on N examples drawn "
+                                       "from each unseen task's training pairs: --examples 1 --examples 8"),
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
     """Strategies vs zero-shot and oracle on unseen tasks: R@1/5/10 both ways, headroom, checks, over seeds."""
@@ -187,13 +189,34 @@ def evaluate(
     unknown = set(only_checks) - set(ev.EvalConfig().check_names)
     if unknown:
         raise typer.BadParameter(f"unknown checks {sorted(unknown)}: choose among {ev.EvalConfig().check_names}")
-    eval_cfg = replace(ev.EvalConfig(), max_tasks=max_tasks, checks=checks)
+    eval_cfg = replace(ev.EvalConfig(), max_tasks=max_tasks, checks=checks, examples=tuple(examples))
     if only_checks:
         eval_cfg = replace(eval_cfg, check_names=tuple(only_checks))
     report = ev.run_evaluation(build_config, out, seeds, eval_cfg,
                                eval_dataset=dataset_b, store_dir=store, device=device)
     typer.echo(report.markdown)
     typer.echo(f"wrote {out}/report.md, results.json, recall.png, split.json, config.json")
+
+
+@cli.command("fewshot-select", context_settings={"allow_extra_args": True})
+def fewshot_select(
+    ctx: typer.Context,
+    preset: str = typer.Option("paper-synthetic", "--preset", help="a named build config: tiny | paper-synthetic"),
+    out: Path = typer.Option(Path("reports/eval"), "--out", help="as evaluate's: stores in <out>/seed<i>/store"),
+    seeds: list[int] = typer.Option([0], "--seeds", help="one or more seeds: --seeds 0 1"),
+    counts: list[int] = typer.Option([4, 8], "--examples", help="examples per seen task (repeat the option)"),
+    max_tasks: int | None = typer.Option(None, "--max-tasks", help="only the first N seen tasks"),
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """Few-shot methods side by side on SEEN tasks left out one at a time (never the unseen ones)."""
+    from offline import evaluate as ev
+    from offline.fewshot_eval import run_selection
+
+    if preset not in ev.PRESETS:
+        raise typer.BadParameter(f"unknown preset {preset!r}: choose one of {sorted(ev.PRESETS)}")
+    seeds = seeds + [int(a) for a in ctx.args]
+    result = run_selection(ev.PRESETS[preset], out, seeds, counts, max_tasks=max_tasks, device=device)
+    typer.echo(json.dumps(result["summary"], indent=2))
 
 
 def main() -> None:

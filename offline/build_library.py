@@ -50,8 +50,9 @@ def build_library(
     base_weights_file: Path | None = None,
     dtype: str = "float32",
     artifacts: dict | None = None,
+    build: dict | None = None,
 ) -> str:
     bank, records = load_bank(experts_dir, tasks, layout, index_factory)
     return write_store(store_path, base_model=base_model, lora_config=lora_config, layout=layout, bank=bank,
                        experts=records, index_factory=index_factory, cvae=cvae, base_weights_file=base_weights_file,
-                       dtype=dtype, artifacts=artifacts)
+                       dtype=dtype, artifacts=artifacts, build=build)

@@ -63,6 +63,9 @@ class BuildConfig:
     library_dtype: str = "float32"  # expert statistics on disk: float32 | float16 (aggregation stays float32)
     transfer_nearest: int | None = None  # transfer matrix: each seen task × its N nearest experts (None: all)
     cvae: CVAETrainingConfig = field(default_factory=CVAETrainingConfig)
+    # CPU threads of every build computation, whatever the machine or engine: part of what fixes a store's bytes
+    # (offline/threads.py). A Ray task reserves --task-cpus; give it as many as this for full speed.
+    threads: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self) | {"lora": self.lora.to_dict()}

@@ -28,6 +28,8 @@ Contract
 - Failures: an exception raised by ``fn`` is not retried; it cancels the items still pending and is raised
   from ``map`` (as ``EngineTaskError`` naming the key). A Ray worker process that dies mid-item (killed,
   OOM, node lost) is a system failure: Ray re-runs that item up to ``max_retries`` times.
+- Threads: ``map(..., threads=n)`` runs every item with ``n`` CPU threads (offline/threads.py), on either engine,
+  so an item's floats do not depend on where it ran (Ray's workers default to one thread, this process to all).
 - Resources: ``num_cpus`` / ``num_gpus`` are Ray's per-task shares (fractions allowed: 0.25 GPU packs four
   tasks on one GPU); the local engine runs one item at a time in this process and ignores them.
 
@@ -46,6 +48,8 @@ from itertools import islice
 from typing import Any
 
 from tqdm import tqdm
+
+from offline.threads import fixed_threads
 
 logger = logging.getLogger(__name__)
 
@@ -76,11 +80,12 @@ class LocalEngine:
         self.resources = resources or TaskResources()
 
     def map(self, fn: Callable[[Any, Any], Any], items: Iterable[tuple[str, Any]], shared: Any = None,
-            desc: str = "items", progress: bool = True, total: int | None = None) -> Iterator[tuple[str, Any]]:
+            desc: str = "items", progress: bool = True, total: int | None = None,
+            threads: int = 1) -> Iterator[tuple[str, Any]]:
         with tqdm(total=_total(items, total), desc=desc, disable=not progress) as bar:
             for key, item in items:
                 try:
-                    result = fn(shared, item)
+                    result = _call(fn, shared, item, threads)
                 except Exception as e:
                     raise EngineTaskError(key, e) from e
                 bar.update()
@@ -101,9 +106,10 @@ def _total(items: Iterable, total: int | None) -> int | None:
     return total if total is not None else (len(items) if hasattr(items, "__len__") else None)
 
 
-def _call(fn: Callable[[Any, Any], Any], shared: Any, item: Any) -> Any:
-    """The Ray task body: Ray resolves the shared reference (once per worker's object fetch) before calling."""
-    return fn(shared, item)
+def _call(fn: Callable[[Any, Any], Any], shared: Any, item: Any, threads: int) -> Any:
+    """An item's body on either engine (Ray resolves the shared reference before calling): fixed threads."""
+    with fixed_threads(threads):
+        return fn(shared, item)
 
 
 class RayEngine:
@@ -140,7 +146,7 @@ class RayEngine:
 
     def map(self, fn: Callable[[Any, Any], Any], items: Iterable[tuple[str, Any]], shared: Any = None,
             desc: str = "items", progress: bool = True, total: int | None = None,
-            max_in_flight: int | None = None) -> Iterator[tuple[str, Any]]:
+            max_in_flight: int | None = None, threads: int = 1) -> Iterator[tuple[str, Any]]:
         ray = self._ray
         shared_ref = ray.put(shared)  # once: every task gets this reference
         source = iter(items)
@@ -149,7 +155,7 @@ class RayEngine:
 
         def submit(n: int) -> None:
             for key, item in islice(source, n):
-                pending[self._remote.remote(fn, shared_ref, item)] = key
+                pending[self._remote.remote(fn, shared_ref, item, threads)] = key
 
         submit(window)
         try:

@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from app.ml.aggregator import route
 from app.ml.backbone import Backbone, load_backbone
+from app.ml.fewshot import FewShotConfig, Refinement
 from app.ml.lora import LoRALayout, inject_lora
 from app.ml.retrieval import embed_pairs, recall_at_k, same_caption_mask
 from app.ml.store import BASE_WEIGHTS_FILE, Store, StoreError, load_store, routing_record
@@ -49,6 +50,8 @@ from offline import evaluate_wording as wording
 from offline import pipeline
 from offline.config import TINY, BuildConfig, DatasetConfig, TaskSplit, load_tasks, split_dataset
 from offline.data import Task
+from offline.fewshot_eval import draw_examples, refined_adapter
+from offline.threads import fixed_threads
 from offline.train_experts import describe, encode_pairs, train_expert
 
 logger = logging.getLogger(__name__)
@@ -81,12 +84,19 @@ class EvalConfig:
     coverage_remove: tuple[int, ...] = (1, 4)  # check (2): drop the N experts most similar to the description
     k_grid: tuple[int, ...] = (1, 2, 4, 8)  # check (4)
     tau_grid: tuple[float, ...] = (0.02, 0.05, 0.2)
+    # Rows "n examples": the served default refined on n pairs drawn from the unseen task's TRAINING pairs
+    # (never its held-out ones), app/ml/fewshot.py with its default method.
+    examples: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         unknown = set(self.strategies) - set(STRATEGY_ORDER)
         if unknown or not {"zero_shot", "oracle"} <= set(self.strategies):
             raise ValueError(f"strategies must be among {STRATEGY_ORDER} and include zero_shot and oracle "
                              f"(headroom is measured between them); got {self.strategies}")
+
+
+def examples_row(n: int) -> str:
+    return f"{n} example{'s' if n != 1 else ''}"
 
 
 def seeded(config: BuildConfig, seed: int) -> BuildConfig:
@@ -181,7 +191,15 @@ class Evaluator:
         for strategy in self.eval_cfg.strategies:
             adapter = self.oracle(t.task) if strategy == "oracle" else self.adapters(strategy, t.query)[0]
             rows[strategy] = self.score(adapter, t)
+        for n in self.eval_cfg.examples:
+            rows[examples_row(n)] = self.score(self.refined(t, n).vector, t)
         return rows
+
+    def refined(self, t: EvalTask, n: int) -> Refinement:
+        """The served default refined on n examples drawn from the task's training pairs (seeded per seed, n)."""
+        examples = draw_examples(self.backbone, t.task.pairs, n, seed=1000 * self.seed + n)
+        return refined_adapter(self.store, self.backbone, self.layout, t.query, examples,
+                               FewShotConfig(seed=self.seed), seed=self.seed)
 
     def shuffled(self, t: EvalTask, other: EvalTask) -> Grid:
         """Check (1): route with another task's description; the held-out pairs stay this task's."""
@@ -433,8 +451,9 @@ def run_evaluation(config: BuildConfig, out: Path, seeds: Sequence[int] = (0,), 
         write_json(seed_dir / "build_config.json", cfg.to_dict())  # `python -m offline build --config` input
         t0 = time.perf_counter()
         shared_base = out / f"seed{seeds[0]}" / "store.work" / BASE_WEIGHTS_FILE  # BuildContext.base_weights
-        per_seed.append(evaluate_seed(cfg, seed, seed_dir, eval_cfg, eval_dataset, store_dir, device, progress,
-                                      shared_base if store_dir is None else None))
+        with fixed_threads(cfg.threads):  # the oracles and scores, like the store, do not depend on the machine
+            per_seed.append(evaluate_seed(cfg, seed, seed_dir, eval_cfg, eval_dataset, store_dir, device, progress,
+                                          shared_base if store_dir is None else None))
         per_seed[-1]["wall_s"] = time.perf_counter() - t0
         # Everything is rewritten after each seed, marked incomplete until the last: a long run that is stopped
         # still leaves the summary of the seeds it finished (and says which).

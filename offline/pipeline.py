@@ -42,6 +42,7 @@ from offline.data import LoadReport, synthetic_family
 from offline.engine import LocalEngine, RayEngine
 from offline.phrasing import build_out_of_domain
 from offline.pretrain_base import pretrain_base
+from offline.threads import build_environment, with_config_threads
 from offline.train_cvae import train_cvae
 from offline.train_experts import (
     describe,
@@ -108,6 +109,7 @@ def pretraining_pairs(ctx: BuildContext) -> list:
     return [p for t in ctx.split.seen + ctx.split.unseen for p in t.pairs]
 
 
+@with_config_threads
 def ensure_base(ctx: BuildContext, progress: bool = True) -> None:
     base = ctx.base_weights
     if base is not None and not base.exists():
@@ -136,6 +138,7 @@ def expert_shared(ctx: BuildContext, engine: LocalEngine | RayEngine) -> dict:
             "experts": asdict(ctx.config.experts), "device": device}
 
 
+@with_config_threads
 def step_train_experts(ctx: BuildContext, shard: int = 0, num_shards: int = 1, progress: bool = True,
                        engine: LocalEngine | RayEngine | None = None) -> list[str]:
     """Train this shard's missing experts on `engine` (default: local); returns the names trained."""
@@ -147,7 +150,8 @@ def step_train_experts(ctx: BuildContext, shard: int = 0, num_shards: int = 1, p
     trained = []
     try:
         for name, result in engine.map(train_expert_item, items, shared=expert_shared(ctx, engine), total=len(todo),
-                                       desc=f"experts (shard {shard}/{num_shards})", progress=progress):
+                                       desc=f"experts (shard {shard}/{num_shards})", progress=progress,
+                                       threads=ctx.config.threads):
             write_expert(expert_path(ctx.experts_dir, name), record_from_result(name, result))
             trained.append(name)
     finally:
@@ -155,12 +159,13 @@ def step_train_experts(ctx: BuildContext, shard: int = 0, num_shards: int = 1, p
     return trained
 
 
+@with_config_threads
 def step_build_library(ctx: BuildContext, cvae: TrainedCVAE | None = None, artifacts: dict | None = None) -> str:
     backbone, layout = adapted_backbone(ctx)
     return build_library(ctx.out, ctx.experts_dir, ctx.split.seen, base_model=ctx.base_model_record(backbone),
                          lora_config=ctx.config.lora, layout=layout, index_factory=ctx.config.index_factory,
                          cvae=cvae, base_weights_file=ctx.base_weights, dtype=ctx.config.library_dtype,
-                         artifacts=artifacts)
+                         artifacts=artifacts, build=build_environment(ctx.config.threads))
 
 
 def held_out_of_seen(ctx: BuildContext, backbone: Backbone) -> dict[str, HeldOut]:
@@ -181,6 +186,7 @@ def out_of_domain_embeddings(ctx: BuildContext, backbone: Backbone) -> np.ndarra
     return describe(backbone, list(build_out_of_domain())).cpu().numpy()
 
 
+@with_config_threads
 def make_loto(ctx: BuildContext, store: Store) -> tuple[LOTO | None, dict]:
     """(LOTO scorer or None when the store has no transfer matrix, the matrix's tensors)."""
     tensors = routing_tensors(store)
@@ -196,6 +202,7 @@ def make_loto(ctx: BuildContext, store: Store) -> tuple[LOTO | None, dict]:
     return LOTO(store, backbone, layout, held_out, tm, wordings, router_fit), tensors
 
 
+@with_config_threads
 def step_validate(ctx: BuildContext, progress: bool = True, engine: LocalEngine | RayEngine | None = None) -> str:
     """Transfer matrix (on `engine`, one item per seen task) + router + every choice by leave-one-task-out
     retrieval, recorded in the store."""
@@ -208,7 +215,8 @@ def step_validate(ctx: BuildContext, progress: bool = True, engine: LocalEngine 
     shared = expert_shared(ctx, engine) | {"mu": store.bank.mu.numpy()}
     try:
         transfer = measure_transfer(shared, store.bank.ids, store.bank.embeddings, pairs, engine,
-                                    nearest=ctx.config.transfer_nearest, progress=progress)
+                                    nearest=ctx.config.transfer_nearest, progress=progress,
+                                    threads=ctx.config.threads)
     finally:
         release_worker_state()
     backbone, layout = adapted_backbone(ctx)
@@ -227,6 +235,7 @@ def cvae_prior(routing: StoreRouting | None) -> str:
     return max(merges, key=lambda s: table[s]["loto_mr1"]) if merges else "topk_weighted"
 
 
+@with_config_threads
 def step_train_cvae(ctx: BuildContext, progress: bool = True) -> str:
     """The CVAE, conditioned on the best-validated merge and early-stopped by LOTO retrieval when validated."""
     store = load_store(ctx.out)

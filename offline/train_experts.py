@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 from tqdm import tqdm
@@ -35,7 +34,7 @@ from tqdm import tqdm
 from app.ml.backbone import Backbone, load_backbone
 from app.ml.canonical import canonical_safetensors
 from app.ml.lora import LoRAConfig, LoRALayout, inject_lora, lora_parameters, lora_to_vector, reset_lora
-from app.ml.retrieval import embed_descriptions
+from app.ml.retrieval import contrastive_loss, embed_descriptions
 from offline.data import Pair, Task
 
 logger = logging.getLogger(__name__)
@@ -83,13 +82,6 @@ class ExpertResult:
     var: torch.Tensor  # [D]
     checkpoints: torch.Tensor  # [M, D]
     final_loss: float
-
-
-def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE over a batch of matched [N, e] normalised embeddings (CLIP's objective)."""
-    logits = logit_scale * image_emb @ text_emb.T  # [N, N]
-    labels = torch.arange(len(logits), device=logits.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
 def encode_pairs(backbone: Backbone, pairs: Sequence[Pair]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -108,7 +108,7 @@ def transfer_item(shared: dict, item: dict) -> dict:
 
 def measure_transfer(shared: dict, expert_ids: Sequence[str], embeddings_ee: np.ndarray,
                      held_out_pairs: dict[str, Sequence[Pair]], engine: LocalEngine | RayEngine,
-                     nearest: int | None = None, progress: bool = True) -> TransferMatrix:
+                     nearest: int | None = None, progress: bool = True, threads: int = 1) -> TransferMatrix:
     """G for every library expert that is also a seen task with held-out pairs (tasks = experts here), one engine
     item per task. `shared` carries the model (pipeline.expert_shared) and the experts' µ [E, D] as "mu"."""
     task_ids = [e for e in expert_ids if e in held_out_pairs]
@@ -121,7 +121,7 @@ def measure_transfer(shared: dict, expert_ids: Sequence[str], embeddings_ee: np.
     items = ((task, task_item(Task(task, "", list(held_out_pairs[task]))) | {"experts": experts_of[task]})
              for task in task_ids)
     for task, result in engine.map(transfer_item, items, shared=shared, total=len(task_ids), desc="transfer matrix",
-                                   progress=progress):
+                                   progress=progress, threads=threads):
         t = task_ids.index(task)
         zero_shot[t], gains[t, experts_of[task]] = result["zero_shot"], result["gains"]
         mask[t, experts_of[task]] = True

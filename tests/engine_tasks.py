@@ -21,3 +21,9 @@ def fail_on(shared: dict, item: str) -> str:
     if item == shared["bad"]:
         raise ValueError(f"cannot process {item}")
     return item
+
+
+def thread_counts(shared, item) -> dict:
+    import torch  # here, not at the top: see the module's docstring
+
+    return {"torch": torch.get_num_threads()}

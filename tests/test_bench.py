@@ -4,10 +4,27 @@ Nothing here is timed against a threshold; the numbers are `python -m bench`'s b
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
-from bench import cvae_sample, generation, lora_forward
+import torch
+
+from bench import cvae_sample, fewshot, generation, lora_forward
 from bench.__main__ import main
 from bench.timing import threads
+
+
+@contextmanager
+def threads_restored():
+    """The benchmarks pin torch's and faiss's thread counts for the process they normally own; run in-process here,
+    they must not leave every later test of the session at another thread count than when that test runs alone."""
+    import faiss
+
+    torch_before, faiss_before = torch.get_num_threads(), faiss.omp_get_max_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(torch_before)
+        faiss.omp_set_num_threads(faiss_before)
 
 
 def _positive(x) -> bool:
@@ -41,12 +58,24 @@ def test_generation_benchmark_runs_on_the_tiny_store(tiny_build):
     assert all(_positive(r["e2e_ms"]) and _positive(r["ratio"]) for r in rows)
 
 
+def test_fewshot_benchmark_runs_on_the_tiny_store(tiny_build):
+    with threads(1):
+        rows = fewshot.run(tiny_build.out, n_examples=4, repeats=1, estimate_model="tiny_clip")
+    served, fixed, estimate = rows
+    assert served["steps"] >= 1 and _positive(served["seconds"])
+    assert fixed["steps"] == fewshot.FIXED_STEPS and _positive(fixed["x_image_fwd_per_step"])
+    assert estimate["model"] == "tiny_clip (estimate)" and _positive(estimate["seconds"])
+    assert "(d) few-shot refinement" in fewshot.table(rows)
+
+
 def test_library_benchmark_runs_small(tmp_path):
     from bench import library
 
     library.build_store(tmp_path / "lib", 3, "float16")  # ViT-B/16-sized rows, three of them
-    row = library.measure_store(tmp_path / "lib", requests=4, k=2, in_memory=False)
+    with threads_restored():  # measure_store pins one thread for the subprocess it normally runs in
+        row = library.measure_store(tmp_path / "lib", requests=4, k=2, in_memory=False)
     assert row["bytes"] > 3 * library.VIT_B16_D * 2 * 2 and _positive(row["p50_ms"]) and row["open_s"] > 0
-    routing = library.run_routing([300], queries=20, k=4)[0]
+    with threads_restored():  # run_routing leaves faiss at one OpenMP thread, as `python -m bench.library` wants
+        routing = library.run_routing([300], queries=20, k=4)[0]
     assert routing["index"] == "Flat" and routing["recall@4"] == 1.0  # below the threshold: exact
     assert "| 300 | Flat |" in library._routing_row(routing, 4)

@@ -85,10 +85,11 @@ def test_synthetic_images_show_the_colour_and_are_all_distinct():
 
 
 def test_synthetic_family_is_fast():
-    start = time.perf_counter()
+    # CPU time of this process, not wall time: other processes on a busy machine stretch the wall clock, not the
+    # work done here. Measured ~0.6 s; the bound guards against a generator that became orders of magnitude slower.
+    start = time.process_time()
     synthetic_family()  # the full 48 x 80 default
-    # Measured ~0.6 s on 2 cores; the bound is loose so a busy CI box does not flake.
-    assert time.perf_counter() - start < 10
+    assert time.process_time() - start < 10
 
 
 def test_module_does_not_import_torch_fastapi_or_redis():

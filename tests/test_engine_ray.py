@@ -1,18 +1,22 @@
 """The offline build on Ray (offline/engine.py): one real local Ray (num_cpus=2) for the module.
 
 A reduced tiny build (6 experts, few steps) on the Ray engine equals the local engine's build byte for byte
-(expert files and store manifest); a re-run trains nothing and a deleted expert is retrained to the same bytes;
-a worker killed mid-item is retried by Ray; an item's own error names the item and is not retried.
+(expert files and store manifest) although Ray's workers default to one thread and this process runs at the
+machine's default thread count: the build pins its own (offline/threads.py). A re-run trains nothing and a
+deleted expert is retrained to the same bytes; a worker killed mid-item is retried by Ray; an item's own error
+names the item and is not retried.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from offline import pipeline
 from offline.config import TINY, DatasetConfig
@@ -57,7 +61,14 @@ def _digests(directory: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def two_builds(tmp_path_factory, ray_engine):
     root = tmp_path_factory.mktemp("engines")
-    local_ctx, local_trained = _build(root / "local" / "store", LocalEngine())
+    before = torch.get_num_threads()
+    # The machine's default thread count (conftest pins 2), at least 2 so it differs from the build's 1: with this
+    # config, experts trained with 1 and 2 threads differ in every file, so the build must pin its own.
+    torch.set_num_threads(max(2, os.cpu_count() or 1))
+    try:
+        local_ctx, local_trained = _build(root / "local" / "store", LocalEngine())
+    finally:
+        torch.set_num_threads(before)
     ray_ctx, ray_trained = _build(root / "ray" / "store", ray_engine)
     return local_ctx, local_trained, ray_ctx, ray_trained
 
@@ -76,6 +87,8 @@ def test_ray_build_equals_local_build(two_builds):
     ray_manifest = json.loads((ray_ctx.out / "manifest.json").read_text())
     assert local_manifest.pop("created_unix") <= ray_manifest.pop("created_unix")  # the one field that differs
     assert local_manifest == ray_manifest  # version, every file's sha256, experts' provenance, CVAE info
+    assert local_manifest["build"]["threads"] == REDUCED.threads  # what it was built with, recorded
+    assert local_manifest["build"]["torch"] == torch.__version__
 
 
 def test_ray_rerun_trains_nothing_and_a_missing_expert_is_retrained_identically(two_builds, ray_engine):

@@ -124,6 +124,35 @@ def test_edited_segment_is_named_before_its_rows_are_used(tmp_path):
         verify_store(tmp_path / "s")
 
 
+def test_stores_with_blake2b_row_digests_still_verify_and_keep_them_through_updates(tmp_path):
+    """New stores record xxh3-128 row digests (hashed at memory speed on a request's first read); a store written
+    before that has blake2b-128 digests and no `row_digest`: it reads, verifies, catches edits, and updates in kind."""
+    from safetensors.numpy import load_file as load_numpy
+
+    from app.ml.store import row_digest
+
+    path = tmp_path / "s"
+    ref = make_store(path, n=4, dtype="float16")
+    manifest = read_manifest(path)
+    assert manifest["library"]["row_digest"] == "xxh3-128"
+    segment = load_numpy(str(_segment(path)))
+    for i, record in enumerate(manifest["experts"]):
+        assert record["digest"] == row_digest(segment["mu"][i], segment["var"][i], "xxh3-128")
+        record["digest"] = row_digest(segment["mu"][i], segment["var"][i], "blake2b-128")
+    del manifest["library"]["row_digest"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    assert verify_store(path)["rows"] == 4
+    records, mu, var, emb = synthetic(np.random.default_rng(5), 2, ref["layout"].D, prefix="new")
+    update_store(path, add=NewExperts(records, mu, var, emb))
+    updated = read_manifest(path)
+    assert updated["library"]["row_digest"] == "blake2b-128" and verify_store(path)["rows"] == 6
+    data = bytearray(_segment(path).read_bytes())
+    data[-3] ^= 0xFF
+    _segment(path).write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="expert 'e3'"):
+        load_store(path, mmap_library=True).bank.gather([3])
+
+
 @pytest.mark.parametrize("damage", ["truncate", "delete"])
 def test_damaged_small_files_are_named(tmp_path, damage):
     make_store(tmp_path / "s")

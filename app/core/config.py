@@ -66,6 +66,11 @@ class Settings(BaseSettings):
     max_request_pixels: int = Field(
         64 * 1024 * 1024, ge=1, description="decoded-pixel budget of one /retrieve (sum over its images)"
     )
+    max_examples: int = Field(16, ge=4, description="image-caption examples one request may refine its adapter "
+                              "on (few-shot); their pixels count towards max_request_pixels like /retrieve's")
+    fewshot_time_budget_s: float = Field(10.0, gt=0, allow_inf_nan=False,
+                                         description="longest few-shot refinement; the best adapter so far is "
+                                                     "served when it runs out (the response says it stopped early)")
 
     # --- load ---------------------------------------------------------------------------------------------
     max_concurrent_work: int = Field(2, ge=1, description="requests doing model work at once (threads)")

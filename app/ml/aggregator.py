@@ -25,6 +25,9 @@ import faiss
 import numpy as np
 import torch
 
+from app.ml import index_search
+from app.ml.gain_index import GainIndex
+
 # Text embeddings come out of open_clip already L2-normalised in float32 (|‖x‖ − 1| ≈ 1e-7). A looser
 # bound still catches the real mistake: an un-normalised embedding, whose inner products are not
 # cosines and which would silently change how sharp softmax(sim/τ) is.
@@ -121,6 +124,10 @@ class ExpertBank:
         """Row of an expert id (KeyError if it is not in the library)."""
         return self._row_of[expert_id]
 
+    def rows_of(self, expert_ids: Collection[str]) -> set[int]:
+        """Rows of those ids that are in the library (others are ignored): costs |expert_ids|, not the library."""
+        return {self._row_of[i] for i in set(expert_ids) if i in self._row_of}
+
     def gather(self, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(mu [K, D], var [K, D]) of the given rows: reads only those rows of a memory-mapped library."""
         library = getattr(self.mu, "library", None)  # store.MappedRows: one read of both fields per row
@@ -185,22 +192,16 @@ def route(bank: ExpertBank, query: np.ndarray, k: int, exclude: Collection[str] 
     `exclude` names experts that must not be picked: when the CVAE is trained on expert n, its
     condition is built from the *other* experts, as it will be for an unseen task at serving time.
     """
-    excluded_ids = set(exclude)
     # Ids not in the library exclude nothing: leave-self-out for an expert that was never added is a no-op.
-    excluded = {row for row, expert_id in enumerate(bank.ids) if expert_id in excluded_ids}
+    excluded = bank.rows_of(exclude)
     available = len(bank) - len(excluded)
     if not 1 <= k <= available:
         raise ValueError(
             f"k={k} is out of range: the library holds {len(bank)} experts, {len(excluded)} excluded, "
             f"so k must be between 1 and {available}"
         )
-    # Ask for k extra hits per excluded expert so that k remain after filtering them out.
-    sims_1n, rows_1n = bank.index.search(_query_row(bank, query), k + len(excluded))
-    kept = [
-        (int(row), float(sim))
-        for row, sim in zip(rows_1n[0], sims_1n[0], strict=True)
-        if row != -1 and int(row) not in excluded
-    ][:k]
+    sims_1k, rows_1k = index_search.search(bank.index, _query_row(bank, query), k, excluded)
+    kept = [(int(row), float(sim)) for row, sim in zip(rows_1k[0], sims_1k[0], strict=True) if row != -1]
     if len(kept) < k:
         # faiss pads with id -1 when an approximate index (HNSW, IVF with few probes) finds fewer.
         raise ValueError(
@@ -232,17 +233,40 @@ def softmax_weights(sims: np.ndarray, tau: float) -> np.ndarray:
 def route_by_gain(bank: ExpertBank, gains_e: np.ndarray, query: np.ndarray, k: int,
                   exclude: Collection[str] = ()) -> tuple[list[int], np.ndarray, np.ndarray]:
     """Top-k experts by a predicted gain per bank row [E] (app/ml/transfer_router.py): (rows, gains [k],
-    cosines [k]), best first; ties broken by bank order. The cosines are reported beside the gains."""
+    cosines [k]), best first; ties broken by bank order. The cosines are reported beside the gains.
+
+    The exhaustive reference of `route_by_gain_index` (which the service uses: it never computes E gains)."""
     gains_e = np.asarray(gains_e, dtype=np.float64)
     if gains_e.shape != (len(bank),):
         raise ValueError(f"need one predicted gain per expert ({len(bank)}), got shape {gains_e.shape}")
-    excluded = set(exclude)
-    candidates = [row for row, expert_id in enumerate(bank.ids) if expert_id not in excluded]
-    if not 1 <= k <= len(candidates):
-        raise ValueError(f"k={k} is out of range: {len(candidates)} experts can be routed to")
-    rows = sorted(candidates, key=lambda row: -gains_e[row])[:k]  # sorted() is stable: ties keep bank order
-    sims_k = bank.embeddings[rows].astype(np.float64) @ _query_row(bank, query)[0].astype(np.float64)
-    return rows, gains_e[rows], sims_k
+    excluded = bank.rows_of(exclude)
+    _check_k(k, len(bank) - len(excluded))
+    ranked = np.where(np.isin(np.arange(len(bank)), list(excluded)), -np.inf, gains_e)
+    rows = np.argsort(-ranked, kind="stable")[:k].tolist()  # stable: ties keep bank order
+    return rows, gains_e[rows], _cosines(bank, rows, query)
+
+
+def route_by_gain_index(bank: ExpertBank, gain_index: GainIndex, query: np.ndarray, k: int,
+                        exclude: Collection[str] = ()) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """`route_by_gain` with the gains of the transfer router behind `gain_index`, at a cost independent of the
+    library's size: an inner-product search over the router's expert embeddings, exact re-scoring of a short
+    list. Same (rows, gains [k], cosines [k]), best first."""
+    excluded = bank.rows_of(exclude)
+    _check_k(k, len(bank) - len(excluded))
+    rows_k, gains_k = gain_index.top(query, k, excluded)
+    if len(rows_k) < k:
+        raise ValueError(f"the gain index returned only {len(rows_k)} experts for k={k} (library of {len(bank)})")
+    rows = rows_k.tolist()
+    return rows, gains_k, _cosines(bank, rows, query)
+
+
+def _check_k(k: int, routable: int) -> None:
+    if not 1 <= k <= routable:
+        raise ValueError(f"k={k} is out of range: {routable} experts can be routed to")
+
+
+def _cosines(bank: ExpertBank, rows: Sequence[int], query: np.ndarray) -> np.ndarray:
+    return bank.embeddings[list(rows)].astype(np.float64) @ _query_row(bank, query)[0].astype(np.float64)
 
 
 # ----------------------------------------------------------------------------------------------

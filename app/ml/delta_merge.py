@@ -57,6 +57,20 @@ def _projections(A_kprd, B_kpdr, A_star, B_star, scale: float):
     return (B_pinv @ dW_kpdd) / scale, (dW_kpdd @ A_pinv) / scale
 
 
+def merge_delta_mean(layout: LoRALayout, scale: float, mu_kd: torch.Tensor, alpha_k) -> torch.Tensor:
+    """µ* [D] alone: the rank-r factors of Σ α_k ΔW_k (α may be negative: few-shot weights), no variance.
+
+    float64 inside, returned in mu_kd's dtype; α_k a sequence, numpy array or tensor [K]."""
+    mu64_kd = mu_kd.double()
+    alpha64_k = torch.as_tensor(np.asarray(alpha_k, dtype=np.float64), device=mu_kd.device)
+    blocks = []
+    for A_k, B_k in vectors_to_factors(layout, mu64_kd).values():
+        A_star, B_star = _factor_block(A_k, B_k, alpha64_k, scale, layout.rank)
+        p = A_star.shape[0]
+        blocks.append(torch.cat([B_star.reshape(p, -1), A_star.reshape(p, -1)], dim=1).reshape(-1))
+    return torch.cat(blocks).to(mu_kd.dtype)
+
+
 def merge_delta_space(layout: LoRALayout, scale: float, mu_kd: torch.Tensor, var_kd: torch.Tensor,
                       alpha_k: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """µ* [D]: the rank-r factors of Σ α_k ΔW_k; σ*² [D]: mixture variance of the experts in µ*'s gauge.

@@ -201,8 +201,17 @@ def per_sample_lora(layout: LoRALayout, bank: torch.Tensor, index: torch.Tensor)
     bank [U, D] holds the distinct adapters (a zero row means "no adapter"); index [N] long. Gathering per
     sample inside the layer lets one batch mix adapters without materialising N copies of the weights.
     """
-    index = index.to(bank.device)
-    gathered = {p: (A[index], B[index]) for p, (A, B) in vectors_to_factors(layout, bank).items()}
+    with per_sample_factors(vectors_to_factors(layout, bank), index):
+        yield
+
+
+@contextlib.contextmanager
+def per_sample_factors(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], index: torch.Tensor) -> Iterator[None]:
+    """`per_sample_lora` with factors given per block, {path: (A [U, 3, R, d], B [U, 3, d, R])}, of any rank R.
+
+    A weighted sum of adapters, Σ_k w_k·s·B_k A_k, is their factors side by side ([w_k B_k] and [A_k], rank K·r):
+    few-shot refinement (app/ml/fewshot.py) differentiates through that without merging or truncating."""
+    gathered = {p: (A[index.to(A.device)], B[index.to(B.device)]) for p, (A, B) in factors.items()}
     token = _active_factors.set(gathered)
     try:
         yield

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from app.ml.backbone import Backbone
@@ -65,6 +66,14 @@ def embed_mixed(backbone: Backbone, layout: LoRALayout, tower: str, inputs: Sequ
             return encode(inputs)
     with per_sample_lora(layout, bank.to(backbone.device), index):
         return encode(inputs)
+
+
+def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over a batch of matched [N, e] normalised embeddings (CLIP's objective): what experts are
+    trained on offline and what few-shot refinement fits on a request's examples."""
+    logits = logit_scale * image_emb @ text_emb.T  # [N, N]
+    labels = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
 def same_caption_mask(captions: Sequence[str]) -> torch.Tensor:

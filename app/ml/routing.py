@@ -14,11 +14,13 @@ asks otherwise. Stores validated without phrasings gate on coverage instead (cos
 
 from __future__ import annotations
 
+import threading
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from app.ml.domain_gate import DomainModel
+from app.ml.gain_index import GainIndex
 from app.ml.transfer_router import TransferRouter
 
 FALLBACK_PARAMS = {"k": 4, "tau": 0.05}  # stores without validation: the paper's K and a peer's τ
@@ -57,6 +59,8 @@ class StoreRouting:
     router: TransferRouter | None = None
     validation: dict = field(default_factory=dict)  # the figures behind the choices (manifest "routing.validation")
     domain: DomainModel | None = None  # the gate's domain (None: the gate checks coverage instead)
+    _gain_index: GainIndex | None = field(default=None, init=False, repr=False, compare=False)
+    _gain_index_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     def params_for(self, strategy: str) -> dict:
         return self.strategy_params.get(strategy, FALLBACK_PARAMS)
@@ -66,6 +70,16 @@ class StoreRouting:
 
     def domain_distance(self, query: np.ndarray) -> float | None:
         return None if self.domain is None else float(self.domain.distance(query)[0])
+
+    def gain_index(self, expert_embeddings: np.ndarray) -> GainIndex | None:
+        """The router's ranking over the library it was validated on, as an index: built on first use (once per
+        loaded store; a changed library makes the routing stale, so it is never reused for other experts)."""
+        if self.router is None:
+            return None
+        with self._gain_index_lock:
+            if self._gain_index is None or self._gain_index.embeddings is not expert_embeddings:
+                self._gain_index = GainIndex(self.router, expert_embeddings)
+            return self._gain_index
 
     def to_manifest(self) -> dict:
         return {"default_strategy": self.default_strategy, "strategy_params": self.strategy_params,

@@ -19,7 +19,11 @@ manifest. A full build (`write_store`) is written into a temporary sibling direc
 
 Integrity without hashing gigabytes at start-up: every small file is re-hashed at open; a segment's size and
 safetensors header are checked at open (truncation), and each expert row is checked against its digest in the
-manifest the first time it is read (edits). `verify_store` re-hashes everything. A mismatch raises `StoreError`
+manifest the first time it is read (edits). Row digests are xxh3-128 (`library.row_digest`; stores written before
+it was recorded use blake2b-128 and keep it through updates): a request's first read of its K rows hashes them at
+memory speed, so a library too large for its rows to have been read already costs no more per request than a
+small one (blake2b took ~1.3 ms per ViT-B/16 expert, most of an aggregation). `verify_store` re-hashes everything.
+A mismatch raises `StoreError`
 naming the file.
 """
 
@@ -43,6 +47,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
+import xxhash
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save, save_file
 
@@ -61,6 +66,7 @@ MANIFEST = "manifest.json"
 SEGMENTS_DIR = "segments"
 ARTIFACTS_DIR = "artifacts"
 DTYPES = {"float32": (torch.float32, np.float32, "F32"), "float16": (torch.float16, np.float16, "F16")}
+ROW_DIGEST = "xxh3-128"  # what new stores record; "blake2b-128" is what a store without `library.row_digest` used
 SEGMENT_ROWS = 512  # rows per segment a full build writes: bounds the memory of one write, many files are fine
 
 
@@ -139,8 +145,9 @@ class MappedLibrary:
     stays at what requests use now instead of growing to every row ever routed to.
     """
 
-    def __init__(self, store_path: Path, segments: list[dict], experts: list[dict], D: int):
-        self.path, self.D = Path(store_path), D
+    def __init__(self, store_path: Path, segments: list[dict], experts: list[dict], D: int,
+                 digest: str = "blake2b-128"):
+        self.path, self.D, self.digest = Path(store_path), D, digest
         self._files = [s["file"] for s in segments]
         index_of = {s["file"]: i for i, s in enumerate(segments)}
         self._maps: list[tuple[mmap.mmap, np.ndarray, np.ndarray]] = [self._open(s, D) for s in segments]
@@ -179,31 +186,36 @@ class MappedLibrary:
         raw_dtype = dtypes.pop() if len(dtypes) == 1 else np.float32  # one store has one dtype; be safe anyway
         mu_kd = np.empty((len(rows), self.D), dtype=raw_dtype)  # on-disk dtype: copying rows is a memcpy
         var_kd = np.empty((len(rows), self.D), dtype=raw_dtype)
+        for r in rows:  # every row's read in flight at once: a library larger than the page cache pays ~one read
+            mm, mu_nd, var_nd = self._maps[self.seg[r]]
+            self._advise(mm, mu_nd, self.row[r], mmap.MADV_WILLNEED)
+            self._advise(mm, var_nd, self.row[r], mmap.MADV_WILLNEED)
         for i, r in enumerate(rows):
             mm, mu_nd, var_nd = self._maps[self.seg[r]]
             j = self.row[r]
             mu_kd[i], var_kd[i] = mu_nd[j], var_nd[j]
-            self._release(mm, mu_nd, j)
-            self._release(mm, var_nd, j)
+            self._advise(mm, mu_nd, j, mmap.MADV_DONTNEED)
+            self._advise(mm, var_nd, j, mmap.MADV_DONTNEED)
             if not self._verified[r]:
                 self._verify(r, mu_kd[i], var_kd[i])
         # torch's vectorised half -> float conversion (numpy's is a scalar loop, ~10x slower on a 110k row)
         return torch.from_numpy(mu_kd).float(), torch.from_numpy(var_kd).float()
 
     def _verify(self, r: int, mu_d: np.ndarray, var_d: np.ndarray) -> None:
-        if row_digest(mu_d, var_d) != self.digests[r]:
+        if row_digest(mu_d, var_d, self.digest) != self.digests[r]:
             raise StoreError(f"{self.path}: segment {self._files[self.seg[r]]} is corrupt or was edited: row "
                              f"{self.row[r]} (expert {self.ids[r]!r}) does not match its digest in the manifest")
         with self._lock:
             self._verified[r] = True
 
     @staticmethod
-    def _release(mm: mmap.mmap, array_nd: np.ndarray, j: int) -> None:
+    def _advise(mm: mmap.mmap, array_nd: np.ndarray, j: int, advice: int) -> None:
+        """madvise the pages of row j: WILLNEED starts reading them, DONTNEED drops them from this mapping."""
         start = array_nd.ctypes.data - _address_of(mm) + int(j) * array_nd.strides[0]
         begin = start - start % mmap.PAGESIZE
         end = start + array_nd.strides[0]
-        with contextlib.suppress(OSError, ValueError):  # advice only: a kernel that refuses it costs memory, not data
-            mm.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+        with contextlib.suppress(OSError, ValueError):  # advice only: a kernel that refuses it costs time, not data
+            mm.madvise(advice, begin, end - begin)
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole library as float32 tensors (offline jobs that need every row), every row verified."""
@@ -268,9 +280,11 @@ class MappedRows:
         return self.library.gather(list(rows))[self.which]
 
 
-def row_digest(mu_d: np.ndarray, var_d: np.ndarray) -> str:
-    """blake2b-128 of one expert's on-disk bytes (mu row then var row): checked the first time the row is read."""
-    h = hashlib.blake2b(digest_size=16)
+def row_digest(mu_d: np.ndarray, var_d: np.ndarray, algorithm: str = ROW_DIGEST) -> str:
+    """Digest of one expert's on-disk bytes (mu row then var row): checked the first time the row is read."""
+    if algorithm not in _ROW_HASHES:
+        raise StoreError(f"unknown row digest {algorithm!r} (this code knows {sorted(_ROW_HASHES)})")
+    h = _ROW_HASHES[algorithm]()
     h.update(np.ascontiguousarray(mu_d).data)
     h.update(np.ascontiguousarray(var_d).data)
     return h.hexdigest()
@@ -296,7 +310,16 @@ def _write_new(directory: Path, name: str, data: bytes) -> None:
     tmp.rename(target)
 
 
-def write_segment(directory: Path, mu_nd: torch.Tensor, var_nd: torch.Tensor, dtype: str) -> tuple[dict, list[str]]:
+_ROW_HASHES = {"xxh3-128": xxhash.xxh3_128, "blake2b-128": lambda: hashlib.blake2b(digest_size=16)}
+
+
+def row_digest_of(manifest: dict) -> str:
+    """The row digest a format-2 store uses (blake2b-128 for those written before it was recorded)."""
+    return manifest["library"].get("row_digest", "blake2b-128")
+
+
+def write_segment(directory: Path, mu_nd: torch.Tensor, var_nd: torch.Tensor, dtype: str,
+                  digest: str = ROW_DIGEST) -> tuple[dict, list[str]]:
     """One immutable segment file for rows mu/var [n, D]; returns (its manifest record, per-row digests)."""
     if dtype not in DTYPES:
         raise StoreError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -314,7 +337,7 @@ def write_segment(directory: Path, mu_nd: torch.Tensor, var_nd: torch.Tensor, dt
     name = f"{SEGMENTS_DIR}/{sha[:16]}.safetensors"
     _write_new(directory, name, data)
     mu_np, var_np = mu_nd.numpy(), var_nd.numpy()
-    digests = [row_digest(mu_np[i], var_np[i]) for i in range(len(mu_np))]
+    digests = [row_digest(mu_np[i], var_np[i], digest) for i in range(len(mu_np))]
     return {"file": name, "rows": int(mu_nd.shape[0]), "dtype": dtype, "bytes": len(data), "sha256": sha}, digests
 
 
@@ -368,8 +391,11 @@ def write_store(
     base_weights_file: Path | None = None,
     dtype: str = "float32",
     artifacts: dict[str, Artifact] | None = None,
+    build: dict | None = None,
 ) -> str:
     """Write a complete store atomically (temp dir + rename); returns its version (a content hash).
+
+    `build`: what the store was built with (threads, library versions): recorded, not part of the version.
 
     `index_factory` is a faiss factory string, or "auto" (exact up to a size threshold, IVF above; see
     `choose_index`). `artifacts`: named extras (`Store.artifact(name)` reads them back).
@@ -408,7 +434,7 @@ def write_store(
             "base_model": base_model,
             "lora": lora_config.to_dict(),
             "layout": layout.to_manifest(),
-            "library": {"dtype": dtype, "segments": segments},
+            "library": {"dtype": dtype, "segments": segments, "row_digest": ROW_DIGEST},
             "experts": records,
             "index": index_record,
             "cvae": cvae_record,
@@ -416,6 +442,7 @@ def write_store(
             "files": files,
             "sizes": sizes,
             "parent_version": None,
+            "build": build,
         })
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         _replace_dir(tmp, path)
@@ -539,7 +566,7 @@ def update_store(path: Path, add: NewExperts | None = None, remove: Sequence[str
 
 
 _KNOWN_SECTIONS = {"format_version", "version", "parent_version", "change", "created_unix", "base_model", "lora",
-                   "layout", "library", "experts", "index", "artifacts", "cvae", "files", "sizes"}
+                   "layout", "library", "experts", "index", "artifacts", "cvae", "files", "sizes", "build"}
 
 
 def _next_manifest(path: Path, current: dict, kept: list[dict], add: NewExperts | None, remove: Sequence[str],
@@ -551,7 +578,7 @@ def _next_manifest(path: Path, current: dict, kept: list[dict], add: NewExperts 
     records, segments = list(kept), list(current["library"]["segments"])
     dtype = current["library"]["dtype"]
     if add is not None and add.records:
-        segment, digests = write_segment(path, add.mu, add.var, dtype)
+        segment, digests = write_segment(path, add.mu, add.var, dtype, row_digest_of(current))
         segments.append(segment)
         records += [{**r, "segment": segment["file"], "row": i, "digest": d}
                     for i, (r, d) in enumerate(zip(add.records, digests, strict=True))]
@@ -576,7 +603,7 @@ def _next_manifest(path: Path, current: dict, kept: list[dict], add: NewExperts 
     small += [n for n in current["files"] if n.startswith(ARTIFACTS_DIR + "/") or n in (CVAE_FILE, BASE_WEIGHTS_FILE)]
     files, sizes = _files_record(path, small)
     return _finish_manifest(current | unknown | {
-        "library": {"dtype": dtype, "segments": segments},
+        "library": {"dtype": dtype, "segments": segments, "row_digest": row_digest_of(current)},
         "experts": records,
         "index": index_record,
         "artifacts": artifacts,
@@ -671,7 +698,8 @@ def verify_store(path: Path) -> dict:
         file = path / s["file"]
         if not file.is_file() or file_sha256(file) != s["sha256"]:
             raise StoreError(f"{path}: segment {s['file']} is missing, corrupt or was edited")
-    library = MappedLibrary(path, manifest["library"]["segments"], manifest["experts"], manifest["layout"]["D"])
+    library = MappedLibrary(path, manifest["library"]["segments"], manifest["experts"], manifest["layout"]["D"],
+                            row_digest_of(manifest))
     library.verify_all()
     return {"files": len(manifest["files"]), "segments": len(manifest["library"]["segments"]),
             "rows": len(manifest["experts"])}
@@ -764,7 +792,7 @@ def _load_bank_v2(path: Path, manifest: dict, layout: LoRALayout, mmap_library: 
         raise StoreError(f"{path}: cannot read the routing index: {e}") from e
     if record.get("search"):
         faiss.ParameterSpace().set_index_parameters(index, record["search"])
-    library = MappedLibrary(path, manifest["library"]["segments"], experts, layout.D)
+    library = MappedLibrary(path, manifest["library"]["segments"], experts, layout.D, row_digest_of(manifest))
     if mmap_library:
         mu, var = MappedRows(library, 0), MappedRows(library, 1)
     else:

@@ -31,7 +31,7 @@ from app.ml.aggregator import (
     aggregate_experts,
     merge_prior,
     route,
-    route_by_gain,
+    route_by_gain_index,
     softmax_weights,
     uniform_prior,
 )
@@ -76,7 +76,7 @@ def resolved_params(store: Store, strategy: str, req: GenerationRequest) -> tupl
     validated_k, validated_tau = validated_params(store, strategy)
     k = validated_k if req.k is None else req.k
     tau = validated_tau if req.tau is None else req.tau
-    available = len(store.bank) - len(set(req.exclude) & set(store.bank.ids))
+    available = len(store.bank) - len(store.bank.rows_of(req.exclude))
     return (min(k, available) if req.k is None else k), tau
 
 
@@ -100,12 +100,12 @@ def _prior_delta_merge(store: Store, req: GenerationRequest, k: int, tau: float)
 
 
 def _prior_transfer_routed(store: Store, req: GenerationRequest, k: int, tau: float) -> SemanticPrior:
-    gains_e = store.routing.predicted_gains(req.query, store.bank.embeddings) if store.routing else None
-    if gains_e is None:
+    gain_index = store.routing.gain_index(store.bank.embeddings) if store.routing else None
+    if gain_index is None:
         raise StrategyUnavailable(f"strategy 'transfer_routed' (and a CVAE conditioned on it) needs a transfer router, "
                                   f"and store {store.version} has none: built before validation, or the library "
                                   "changed since (re-run `python -m offline validate` and `train-cvae`)")
-    rows, gains_k, sims_k = route_by_gain(store.bank, gains_e, req.query, k, req.exclude)
+    rows, gains_k, sims_k = route_by_gain_index(store.bank, gain_index, req.query, k, req.exclude)
     return merge_prior(store.bank, rows, softmax_weights(gains_k, tau), sims_k, _delta_merge_fn(store),
                        predicted_gains_k=gains_k)
 
@@ -126,7 +126,7 @@ def _zero_shot(store: Store, req: GenerationRequest) -> Generation:
 
 
 def _model_soup(store: Store, req: GenerationRequest) -> Generation:
-    keep = [i for i, e in enumerate(store.bank.ids) if e not in set(req.exclude)]
+    keep = np.setdiff1d(np.arange(len(store.bank)), list(store.bank.rows_of(req.exclude)))  # every expert: O(E)
     prior = uniform_prior(store.bank, keep, query=req.query)
     return Generation("model_soup", _repeat(prior, req.num_samples), prior.trace)
 
@@ -204,11 +204,26 @@ def gate_reason(store: Store, query: np.ndarray, exclude: Collection[str] = ()) 
     routing = store.routing
     if routing is None or routing.gate is None:
         return None
-    keep = np.array([e not in set(exclude) for e in store.bank.ids])
-    sims = store.bank.embeddings[keep].astype(np.float64) @ query.astype(np.float64)
-    gains = routing.predicted_gains(query, store.bank.embeddings[keep])
-    return routing.gate.check(float(sims.max()), None if gains is None else float(gains.max()),
-                              routing.domain_distance(query))
+    # The best expert by cosine and by predicted gain: two index searches for one row each, not E products.
+    _, coverage_1 = route(store.bank, query, 1, exclude)
+    gain_index = routing.gain_index(store.bank.embeddings)
+    best_gain = None
+    if gain_index is not None:
+        best_gain = float(route_by_gain_index(store.bank, gain_index, query, 1, exclude)[1][0])
+    return routing.gate.check(float(coverage_1[0]), best_gain, routing.domain_distance(query))
+
+
+def routed_rows(store: Store, strategy: str, req: GenerationRequest, n: int) -> list[int]:
+    """Bank rows of the n experts `strategy`'s router ranks first for the request (by predicted gain where the
+    strategy or its CVAE's prior routes so, else by cosine): few-shot refinement's candidates (app/ml/fewshot.py)."""
+    prior = cvae_prior_name(store) if strategy in ("sglora", "sglora_mean") else strategy
+    n = min(n, len(store.bank) - len(store.bank.rows_of(req.exclude)))
+    gain_index = None
+    if prior == "transfer_routed" and store.routing is not None:
+        gain_index = store.routing.gain_index(store.bank.embeddings)
+    if gain_index is not None:
+        return route_by_gain_index(store.bank, gain_index, req.query, n, req.exclude)[0]
+    return route(store.bank, req.query, n, exclude=req.exclude)[0]
 
 
 @torch.no_grad()

@@ -20,9 +20,14 @@ i.e. a learned similarity in an RKHS of the features (with a linear κ, h = 0, i
 The dual coefficients β [T, E] live on the observed grid, so prediction for a
 new description d* and any expert with embedding d_e (also one imported after fitting) is
     ĝ(e | d*) = b + κ(d*, D_T)ᵀ β κ(D_E, d_e),
-b the mean observed gain. Observed pairs may be a subset of the grid (large libraries measure each expert on its
-nearest tasks only); the masked system (P(K_T ⊗ K_E)Pᵀ + λI) β = y − b is solved by conjugate gradients with
-Kronecker mat-vecs, never forming the [TE, TE] kernel.
+b the mean observed gain. The model is an inner product in at most T dimensions: with β = U S Vᵀ (thin SVD, rank
+r ≤ T), ĝ(e | d*) = b + u(d*) · z_e, u(d*) = S Uᵀ κ(D_T, d*) and z_e = Vᵀ κ(D_E, d_e) (for the linear kernel
+z_e = (D_Eᵀ V)ᵀ φ_e: r numbers per expert, computed once). So the top experts of a description are a maximum-
+inner-product search over the z_e (app/ml/gain_index.py), whatever the size of the library.
+
+Observed pairs may be a subset of the grid (large libraries measure each expert on its nearest tasks only);
+the masked system (P(K_T ⊗ K_E)Pᵀ + λI) β = y − b is solved by conjugate gradients with Kronecker mat-vecs,
+never forming the [TE, TE] kernel.
 
 Pure numpy: the service and offline/ both import it.
 """
@@ -30,8 +35,12 @@ Pure numpy: the service and offline/ both import it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
+
+_RANK_TOL = 1e-12  # singular values of β below this fraction of the largest add nothing a float64 sum can hold
+_CHUNK = 4096  # experts embedded at once: bounds the [chunk, E_fit] kernel block of a bandwidth > 0 router
 
 
 def kernel(a_ne: np.ndarray, b_me: np.ndarray, bandwidth: float) -> np.ndarray:
@@ -126,6 +135,32 @@ class TransferRouter:
         k_t = kernel(query_f, self.task_features, self.bandwidth)[0]  # [T]
         k_en = kernel(self.expert_features, experts_f, self.bandwidth)  # [E, N]
         return self.bias + (k_t @ self.dual_coef) @ k_en
+
+    @cached_property
+    def _factors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(U S [T, r], V [E_fit, r]) of β = U S Vᵀ, keeping the r singular values that are not round-off."""
+        u, s, vt = np.linalg.svd(self.dual_coef, full_matrices=False)
+        r = max(1, int(np.sum(s > _RANK_TOL * (s[0] if s.size else 0.0))))
+        return u[:, :r] * s[:r], vt[:r].T
+
+    @cached_property
+    def _linear_expert_map(self) -> np.ndarray:
+        """[e, r] D_Eᵀ V: with the linear kernel, z_e = φ_e @ this."""
+        return self.expert_features.T @ self._factors[1]
+
+    def query_embedding(self, query_e: np.ndarray) -> np.ndarray:
+        """u(d*) [r]: predict(d*, d_e) = bias + expert_embeddings(d_e) @ u(d*)."""
+        query_f = features(query_e, self.feature_mean, self.feature_whiten)
+        return kernel(query_f, self.task_features, self.bandwidth)[0] @ self._factors[0]
+
+    def expert_embeddings(self, expert_embeddings_ne: np.ndarray) -> np.ndarray:
+        """z_e [N, r] of experts with description embeddings [N, e]: computed once per library, not per request."""
+        experts_f = features(expert_embeddings_ne, self.feature_mean, self.feature_whiten)
+        if self.bandwidth == 0:
+            return experts_f @ self._linear_expert_map
+        v = self._factors[1]
+        return np.concatenate([kernel(experts_f[i:i + _CHUNK], self.expert_features, self.bandwidth) @ v
+                               for i in range(0, len(experts_f), _CHUNK)])
 
     def to_tensors(self) -> dict[str, np.ndarray]:
         return {"task_features": self.task_features, "expert_features": self.expert_features,

@@ -23,6 +23,7 @@ from app.services.batching import MicroBatcher
 from app.services.cache import ADAPTER, Cache, cache_key
 from app.services.engine import Engine
 from app.services.export import Export, export_adapter
+from app.services.fewshot import decode_examples
 from app.services.generator import (
     AdapterFile,
     GenerationParams,
@@ -68,10 +69,13 @@ class AdapterService:
         if slot is None:
             async with self.admission.slot(disconnected) as own:
                 return await self._generate_files(params, own, None, store)
+        examples = None
+        if params.fewshot is not None:  # decoded on a miss only, one image at a time in the decode pool
+            examples = await slot.run(decode_examples, self.engine, params.fewshot, decode=True)
         query = None
         if self.batcher is not None:  # the routing embedding joins the next text micro-batch
             query = (await self.batcher.encode("text", [params.description], None))[0].cpu().numpy()
-        return await slot.run(generate_files, self.engine, params, query, store)
+        return await slot.run(generate_files, self.engine, params, query, store, examples)
 
     async def generate(self, params: GenerationParams, slot: Slot | None = None,
                        disconnected: Callable[[], Awaitable[bool]] | None = None) -> Generated:
@@ -84,7 +88,7 @@ class AdapterService:
         with (its cache key, its generation and the version in its metadata all name the same one)."""
         store = self.engine.store
         key = cache_key(params.description, params.strategy, params.k, params.tau, params.seed, params.num_samples,
-                        store.version, params.gate)
+                        store.version, params.gate, params.examples_key)
 
         async def produce() -> tuple[bytes, _Entry]:
             t0 = time.perf_counter()

@@ -56,13 +56,16 @@ def normalise_description(text: str) -> str:
 
 
 def cache_key(description: str, strategy: str, k: int, tau: float, seed: int, num_samples: int,
-              store_version: str, gate: bool = True) -> str:
-    """Every input that changes the output, and the store (library + CVAE) version."""
+              store_version: str, gate: bool = True, examples: str | None = None) -> str:
+    """Every input that changes the output, and the store (library + CVAE) version. `examples`: the few-shot
+    examples' identity (their sha256 and the refinement method, app/services/fewshot.py), None without any."""
     spec = {"format": CACHE_FORMAT, "description": normalise_description(description), "strategy": strategy,
             "k": int(k), "tau": repr(float(tau)), "seed": int(seed), "num_samples": int(num_samples),
             "store_version": store_version}
     if not gate:  # keys of gated requests (the default) stay what they were
         spec["gate"] = False
+    if examples is not None:  # likewise for requests without examples
+        spec["examples"] = examples
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 

@@ -20,6 +20,7 @@ from PIL import Image
 
 from app.ml.aggregator import route
 from app.ml.backbone import Backbone, load_backbone
+from app.ml.fewshot import Examples, FewShotConfig, Refinement, refine_routed
 from app.ml.lora import LoRALayout, check_layout, inject_lora
 from app.ml.retrieval import embed_descriptions, embed_mixed, embed_pairs
 from app.ml.store import Store, StoreError, current_version, load_store, routing_record
@@ -176,6 +177,13 @@ class Engine:
         query = self.describe(description) if query is None else query
         store = store if store is not None else self.store
         return generate_adapters(store, strategy, GenerationRequest(query, k, tau, seed, num_samples, gate=gate))
+
+    def refine(self, store: Store, strategy: str, query: np.ndarray, start_d: torch.Tensor, examples: Examples,
+               config: FewShotConfig) -> Refinement:
+        """Few-shot refinement of `start_d` over the candidates `strategy` routes `query` to (app/ml/fewshot.py).
+        Per-sample adapters only: the shared model is not modified, concurrent requests are unaffected."""
+        return refine_routed(store, self.backbone, self.layout, strategy, GenerationRequest(query), start_d,
+                             examples, config)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """PIL image -> model input [3, H, W] on the CPU (the model's resize, crop and normalisation)."""

@@ -27,17 +27,22 @@ import hashlib
 import json
 import struct
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load as load_safetensors
 
 from app.core.errors import InvalidInput
 from app.ml.canonical import canonical_safetensors
+from app.ml.fewshot import Examples, Refinement
 from app.ml.lora import LoRALayout, state_dict_to_vector, vector_to_state_dict
 from app.ml.store import Store
 from app.ml.strategies import Generation, default_strategy, validated_params
 from app.services.cache import normalise_description
 from app.services.engine import Engine
+
+if TYPE_CHECKING:  # app.services.fewshot builds on /retrieve's image checks, which import this module
+    from app.services.fewshot import FewShotRequest
 
 ADAPTER_FORMAT = "sglora-adapter/1"
 
@@ -55,10 +60,16 @@ class GenerationParams:
     seed: int
     num_samples: int
     gate: bool = True  # the store's confidence gate may replace the adapter by zero-shot (B = 0)
+    fewshot: FewShotRequest | None = None  # examples to refine the adapter on (app/services/fewshot.py)
+
+    @property
+    def examples_key(self) -> str | None:
+        return None if self.fewshot is None else self.fewshot.key
 
 
 def resolve_params(*, description: str, strategy: str | None, k: int | None, tau: float | None, seed: int,
-                   num_samples: int, settings, store: Store, gate: bool = True) -> GenerationParams:
+                   num_samples: int, settings, store: Store, gate: bool = True,
+                   fewshot: FewShotRequest | None = None) -> GenerationParams:
     """Apply defaults and the limits that depend on settings or the loaded library (schema checks the rest).
 
     Defaults, in order: the request, the settings, the store's validated choice (app/ml/routing.py)."""
@@ -78,8 +89,10 @@ def resolve_params(*, description: str, strategy: str | None, k: int | None, tau
         raise InvalidInput(f"k={k} exceeds the library size: {library_size} experts", "k")
     if num_samples > settings.max_num_samples:
         raise InvalidInput(f"num_samples={num_samples} exceeds the limit of {settings.max_num_samples}", "num_samples")
+    if fewshot is not None and num_samples != 1:
+        raise InvalidInput(f"num_samples={num_samples} with examples: refinement makes one adapter", "num_samples")
     tau = (settings.tau if settings.tau is not None else validated_tau) if tau is None else float(tau)
-    return GenerationParams(normalise_description(text), strategy, k, tau, seed, num_samples, gate)
+    return GenerationParams(normalise_description(text), strategy, k, tau, seed, num_samples, gate, fewshot)
 
 
 # ------------------------------------------------------------------------------------------- the file
@@ -122,6 +135,11 @@ class AdapterFile:
         return self.metadata.get("gated") or None
 
     @property
+    def refinement(self) -> dict | None:
+        """What few-shot examples did to this adapter (None: made from the description alone)."""
+        return json.loads(self.metadata["refinement"]) if "refinement" in self.metadata else None
+
+    @property
     def max_similarity(self) -> float | None:
         trace = self.trace
         return None if trace is None else trace.get("max_similarity")
@@ -154,8 +172,10 @@ def parse_adapter(data: bytes, layout: LoRALayout, weights_id: str, store_versio
 
 
 def build_files(engine: Engine, params: GenerationParams, generation: Generation,
-                store: Store | None = None) -> list[AdapterFile]:
-    """One file per sample; sample 0 first, its metadata naming the others. `store`: the version generated on."""
+                store: Store | None = None, refinement: Refinement | None = None) -> list[AdapterFile]:
+    """One file per sample; sample 0 first, its metadata naming the others. `store`: the version generated on.
+    With a few-shot `refinement`, its adapter is served and the metadata records the examples' count and hash
+    (never the data) and what the refinement did."""
     store, layout = store if store is not None else engine.store, engine.layout
     lora = store.lora_config
     trace = generation.trace.to_dict() if generation.trace is not None else None
@@ -180,6 +200,10 @@ def build_files(engine: Engine, params: GenerationParams, generation: Generation
         "trace": json.dumps(trace),
         "gated": generation.gated or "",
     }
+    if refinement is not None:
+        common |= {"examples": str(params.fewshot.count), "examples_sha256": params.fewshot.sha256,
+                   "refinement": json.dumps(refinement.to_dict())}
+        generation.vectors = refinement.vector[None]
 
     def make(i: int, extra: dict[str, str]) -> AdapterFile:
         vector = generation.vectors[i].detach().float().cpu().contiguous()
@@ -192,11 +216,16 @@ def build_files(engine: Engine, params: GenerationParams, generation: Generation
 
 
 def generate_files(engine: Engine, params: GenerationParams, query=None,
-                   store: Store | None = None) -> list[AdapterFile]:
+                   store: Store | None = None, examples: Examples | None = None) -> list[AdapterFile]:
     """Blocking: route with the base model (or the given routing `query` [e]), generate, serialise. Call from a
     worker thread. `store`: the version the request started on, so a live switch while it runs cannot mix two
-    versions in one answer (default: the one served now)."""
+    versions in one answer (default: the one served now). `examples` (decoded params.fewshot): refine on them."""
     store = store if store is not None else engine.store
+    query = engine.describe(params.description) if query is None else query
     generation = engine.generate(params.description, params.strategy, params.k, params.tau, params.seed,
                                  params.num_samples, query=query, store=store, gate=params.gate)
-    return build_files(engine, params, generation, store)
+    refinement = None
+    if examples is not None:
+        refinement = engine.refine(store, params.strategy, query, generation.vectors[0], examples,
+                                   params.fewshot.config)
+    return build_files(engine, params, generation, store, refinement)

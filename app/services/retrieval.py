@@ -19,6 +19,7 @@ import io
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -26,11 +27,14 @@ from PIL import Image, UnidentifiedImageError
 from app.core.errors import InvalidInput, UnsupportedMedia
 from app.core.memory import give_back
 from app.core.metrics import Metrics
-from app.services.adapters import AdapterService
 from app.services.admission import Admission, Slot
 from app.services.batching import MicroBatcher
 from app.services.engine import Engine, Ranking
 from app.services.generator import AdapterFile, resolve_params
+
+if TYPE_CHECKING:  # annotations only: app.services.fewshot (imported by adapters) builds on this module
+    from app.services.adapters import AdapterService
+    from app.services.fewshot import FewShotRequest
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
 TRIM_AFTER_PIXELS = 16 * 1024 * 1024  # a request that decoded more hands free heap pages back (app.core.memory)
@@ -122,11 +126,15 @@ class RetrievalInput:
     seed: int
     top_k: int | None
     gate: bool = True
+    fewshot: FewShotRequest | None = None  # examples to refine the description's adapter on (checked, hashed)
 
 
 def check_counts(inp: RetrievalInput, settings) -> None:
     if inp.description is not None and inp.adapter_id is not None:
         raise InvalidInput("give either description or adapter_id, not both", "adapter_id")
+    if inp.fewshot is not None and inp.description is None:
+        raise InvalidInput("examples refine the adapter generated for a description: give description too",
+                           "examples")
     if not inp.images:
         raise InvalidInput("at least one image is required", "images")
     if len(inp.images) > settings.max_images:
@@ -195,7 +203,7 @@ async def retrieve(read: Callable[[], RetrievalInput], engine: Engine, adapters:
         if inp.description is not None:  # check generation parameters before any expensive work
             params = resolve_params(description=inp.description, strategy=inp.strategy,
                                     k=inp.k, tau=inp.tau, seed=inp.seed, num_samples=1, settings=settings,
-                                    store=engine.store, gate=inp.gate)
+                                    store=engine.store, gate=inp.gate, fewshot=inp.fewshot)
         decoded = await slot.run(check_pixel_budget, inp.images, settings.max_image_pixels,
                                  settings.max_request_pixels, decode=True)
         pixels = torch.stack([await slot.run(prepare_image, engine, data, field, settings.max_image_pixels,

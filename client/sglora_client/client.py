@@ -13,6 +13,7 @@ Every non-2xx answer raises SGLoRAError carrying the server's own message and th
 
 from __future__ import annotations
 
+import base64
 import mimetypes
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -75,11 +76,17 @@ class SGLoRAClient:
     # ----------------------------------------------------------------------------------------- adapters
 
     def generate(self, description: str, *, strategy: str | None = None, k: int | None = None,
-                 tau: float | None = None, seed: int = 0, num_samples: int = 1) -> dict[str, Any]:
-        """POST /generate-lora as JSON: adapter_id(s), trace, coverage, metadata, downloads (URL per format)."""
+                 tau: float | None = None, seed: int = 0, num_samples: int = 1,
+                 examples: Sequence[tuple[str | os.PathLike | bytes, str]] | None = None) -> dict[str, Any]:
+        """POST /generate-lora as JSON: adapter_id(s), trace, coverage, metadata, downloads (URL per format).
+        `examples`: (image path or bytes, caption) pairs of the task; the adapter is refined on them and the answer's
+        `refinement` says what they did (loss before/after, steps, time, stopped_early)."""
         body = {"description": description, "strategy": strategy, "k": k, "tau": tau, "seed": seed,
                 "num_samples": num_samples}
         body = {key: v for key, v in body.items() if v is not None}
+        if examples:
+            body["examples"] = [{"image": base64.b64encode(_file_part(i, image)[1]).decode(), "caption": caption}
+                                for i, (image, caption) in enumerate(examples)]
         request = self._http.build_request("POST", "/generate-lora", json=body,
                                            headers={"Accept": "application/json"})
         return self._send(request).json()
@@ -100,13 +107,18 @@ class SGLoRAClient:
     def retrieve(self, images: Sequence[str | os.PathLike | bytes], texts: Sequence[str], *,
                  description: str | None = None, adapter_id: str | None = None, top_k: int | None = None,
                  strategy: str | None = None, k: int | None = None, tau: float | None = None, seed: int | None = None,
-                 progress: Progress | None = None) -> dict[str, Any]:
-        """POST /retrieve as a multipart upload of image files (paths or bytes); `progress(sent, total)` per chunk."""
+                 progress: Progress | None = None,
+                 examples: Sequence[tuple[str | os.PathLike | bytes, str]] | None = None) -> dict[str, Any]:
+        """POST /retrieve as a multipart upload of image files (paths or bytes); `progress(sent, total)` per chunk.
+        `examples` (with `description`): (image, caption) pairs the description's adapter is refined on."""
         files = [("images", _file_part(i, img)) for i, img in enumerate(images)]
+        files += [("example_images", _file_part(i, img)) for i, (img, _) in enumerate(examples or ())]
         fields = {"description": description, "adapter_id": adapter_id, "top_k": top_k, "strategy": strategy,
                   "k": k, "tau": tau, "seed": seed}
         data: dict[str, Any] = {key: str(v) for key, v in fields.items() if v is not None}
         data["texts"] = list(texts)
+        if examples:
+            data["example_captions"] = [caption for _, caption in examples]
         request = self._http.build_request("POST", "/retrieve", files=files, data=data)
         if progress is not None:
             request = self._with_progress(request, progress)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
@@ -11,6 +12,7 @@ from app.api.deps import AdaptersDep, EngineDep, SettingsDep
 from app.schemas import Coverage, GenerateRequest, GenerateResponse
 from app.services.adapters import AdapterService, Generated
 from app.services.export import ExportFormat, download_urls
+from app.services.fewshot import fewshot_request, from_base64
 from app.services.generator import AdapterFile, resolve_params
 
 router = APIRouter(tags=["adapters"])
@@ -77,7 +79,7 @@ async def adapter_response(request: Request, adapters: AdapterService, settings,
                                 downloadable=downloadable, download_url=url,
                                 downloads=download_urls(url) if url else {}, cache=cache or "hit",
                                 strategy=adapter.metadata["strategy"], trace=adapter.trace, coverage=coverage,
-                                gated=adapter.gated, metadata=adapter.metadata)
+                                gated=adapter.gated, refinement=adapter.refinement, metadata=adapter.metadata)
         del headers["Content-Disposition"]
         return Response(body.model_dump_json(), media_type="application/json", headers=headers)
     export = await adapters.export(adapter, fmt, request.is_disconnected)
@@ -88,10 +90,14 @@ async def adapter_response(request: Request, adapters: AdapterService, settings,
 @router.post("/generate-lora", response_class=Response, responses=_FILE_RESPONSE)
 async def generate_lora(body: GenerateRequest, request: Request, engine: EngineDep, adapters: AdaptersDep,
                         settings: SettingsDep, format: FormatQuery = "safetensors") -> Response:
-    """A task description in, a LoRA adapter out (safetensors; PEFT-style keys; provenance in its metadata)."""
+    """A task description in, a LoRA adapter out (safetensors; PEFT-style keys; provenance in its metadata).
+    With `examples`, the adapter is refined on them (the response's refinement says what they did)."""
+    fewshot = None
+    if body.examples:  # base64 and image headers: blocking work, off the event loop
+        fewshot = await asyncio.to_thread(lambda: fewshot_request(from_base64(body.examples, settings), settings))
     params = resolve_params(description=body.description, strategy=body.strategy,
                             k=body.k, tau=body.tau, seed=body.seed, num_samples=body.num_samples,
-                            settings=settings, store=engine.store, gate=body.gate)
+                            settings=settings, store=engine.store, gate=body.gate, fewshot=fewshot)
     generated: Generated = await adapters.generate(params, disconnected=request.is_disconnected)
     return await adapter_response(request, adapters, settings, generated.adapter, generated.cache, generated.stored,
                                   format)

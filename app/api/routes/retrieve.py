@@ -10,6 +10,7 @@ from starlette.datastructures import UploadFile
 from app.api.deps import AdaptersDep, AdmissionDep, EngineDep, MetricsDep, SettingsDep
 from app.core.errors import InvalidInput, UnsupportedMedia
 from app.schemas import AdapterUsed, ImageRanking, Ranked, RetrieveJSON, RetrieveOptions, RetrieveResponse, TextRanking
+from app.services.fewshot import FewShotRequest, RawExample, check_count, fewshot_request, from_base64
 from app.services.retrieval import Retrieval, RetrievalInput, decode_base64, retrieve
 
 router = APIRouter(tags=["retrieval"])
@@ -20,6 +21,9 @@ _MULTIPART_SCHEMA = {
     "properties": {
         "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
         "texts": {"type": "array", "items": {"type": "string"}},
+        "example_images": {"type": "array", "items": {"type": "string", "format": "binary"},
+                           "description": "few-shot examples' images, paired in order with example_captions"},
+        "example_captions": {"type": "array", "items": {"type": "string"}},
         **{name: {"type": "string"} for name in ("description", "adapter_id", "strategy")},
         **{name: {"type": "integer"} for name in ("k", "seed", "top_k")},
         "tau": {"type": "number"},
@@ -31,11 +35,12 @@ _OPENAPI = {"requestBody": {"required": True, "content": {
 }}}
 
 
-def _input(options: RetrieveOptions, images: list[tuple[str, bytes]]) -> RetrievalInput:
+def _input(options: RetrieveOptions, images: list[tuple[str, bytes]],
+           fewshot: FewShotRequest | None = None) -> RetrievalInput:
     return RetrievalInput(images=images, texts=options.texts, description=options.description,
                           adapter_id=options.adapter_id, strategy=options.strategy, k=options.k, tau=options.tau,
                           seed=options.seed, top_k=options.top_k,
-                          gate=options.gate)
+                          gate=options.gate, fewshot=fewshot)
 
 
 def _from_json(raw: bytes, settings) -> RetrievalInput:
@@ -43,26 +48,49 @@ def _from_json(raw: bytes, settings) -> RetrievalInput:
     body = RetrieveJSON.model_validate_json(raw)  # ValidationError -> 400/422 with the field
     if len(body.images) > settings.max_images:  # before decoding any of them
         raise InvalidInput(f"{len(body.images)} images; the limit is {settings.max_images}", "images")
-    return _input(body, [(f"images[{i}]", decode_base64(s, f"images[{i}]")) for i, s in enumerate(body.images)])
+    images = [(f"images[{i}]", decode_base64(s, f"images[{i}]")) for i, s in enumerate(body.images)]
+    fewshot = fewshot_request(from_base64(body.examples, settings), settings) if body.examples else None
+    return _input(body, images, fewshot)
 
 
 async def _from_multipart(request: Request, settings) -> RetrievalInput:
     # Generous parser limits (the body limit bounds the total); the exact per-field limits are checked after,
     # so that they are reported like every other field error.
-    form = await request.form(max_files=4 * settings.max_images, max_fields=4 * settings.max_texts + 16)
+    form = await request.form(max_files=4 * (settings.max_images + settings.max_examples),
+                              max_fields=4 * (settings.max_texts + settings.max_examples) + 16)
     try:
         images = []
         for i, item in enumerate(form.getlist("images")):
             if not isinstance(item, UploadFile):
                 raise InvalidInput("images must be file uploads (-F images=@photo.jpg)", f"images[{i}]")
             images.append((f"images[{i}]", await item.read()))
-        fields = {key: form.getlist(key)[-1] for key in form.keys() if key not in ("images", "texts")}
+        examples = await _multipart_examples(form, settings)
+        fields = {key: form.getlist(key)[-1] for key in form.keys() if key not in _LISTS}
         if fields.get("gate") in ("true", "false"):  # form fields are text; the JSON schema's gate is a strict bool
             fields["gate"] = fields["gate"] == "true"
         options = RetrieveOptions.model_validate(fields | {"texts": form.getlist("texts")})
     finally:
         await form.close()
-    return _input(options, images)
+    return _input(options, images, fewshot_request(examples, settings) if examples else None)
+
+
+_LISTS = ("images", "texts", "example_images", "example_captions")  # repeated form fields
+
+
+async def _multipart_examples(form, settings) -> list[RawExample]:
+    """example_images (files) paired in order with example_captions (text fields)."""
+    files, captions = form.getlist("example_images"), form.getlist("example_captions")
+    check_count(max(len(files), len(captions)), settings)
+    if len(files) != len(captions):
+        raise InvalidInput(f"{len(files)} example_images but {len(captions)} example_captions: send one caption "
+                           "per image, in the same order", "example_captions")
+    examples = []
+    for i, (item, caption) in enumerate(zip(files, captions, strict=True)):
+        if not isinstance(item, UploadFile):
+            raise InvalidInput("example_images must be file uploads (-F example_images=@photo.jpg)",
+                               f"examples[{i}].image")
+        examples.append(RawExample(f"examples[{i}]", await item.read(), str(caption)))
+    return examples
 
 
 async def _reader(request: Request, settings) -> Callable[[], RetrievalInput]:
@@ -85,7 +113,8 @@ def _response(result: Retrieval) -> RetrieveResponse:
                        downloadable=choice.downloadable, cache=choice.cache,
                        strategy=adapter.metadata.get("strategy") if adapter else None,
                        max_similarity=adapter.max_similarity if adapter else None,
-                       gated=adapter.gated if adapter else None)
+                       gated=adapter.gated if adapter else None,
+                       refinement=adapter.refinement if adapter else None)
     return RetrieveResponse(
         store_version=result.store_version,
         adapter=used,
