@@ -48,3 +48,16 @@ def test_nonsense_is_seeded_and_has_no_family_words():
     assert phrasing.build_nonsense(6, 0) == phrasing.build_nonsense(6, 0)
     family = set(COLOURS) | set(SHAPES)
     assert not any(family & set(text.split()) for text in phrasing.build_nonsense(20, 0))
+
+
+def test_held_out_templates_rearrange_words_pretraining_knows():
+    """Held-out wordings test wording, not vocabulary the tiny base could never have seen (a real CLIP knows the
+    common words of English). "<shape>s" (a plural) is the one form pretraining never shows."""
+    def words(text: str) -> set[str]:
+        return set(re.findall(r"[a-z]+", text.replace("{c}", " ").replace("{s}s", " ").replace("{s}", " ")))
+
+    captions = phrasing.caption_variants("a small red circle at the top left on a white background", 400, seed=0)
+    known = set(phrasing.FILLER_WORDS) | {w for c in captions for w in re.findall(r"[a-z]+", c)}
+    known |= {w for t in phrasing.BUILD_DESCRIPTION_TEMPLATES for w in words(t)}
+    for template in phrasing.HELD_OUT_DESCRIPTION_TEMPLATES:
+        assert words(template) <= known, (template, words(template) - known)
