@@ -4,12 +4,15 @@ For every seed: build (or reuse) a store with that seed's split / expert trainin
 every unseen task score each strategy — zero_shot, model_soup, adapter_soup, topk_weighted, sglora (one CVAE
 sample), sglora_mean (prior mean) and the oracle (an expert trained on the task's own training pairs) — by
 I2T and T2I Recall@1/5/10 on the task's held-out pairs. Beside raw recall: the share of the oracle's headroom
-recovered, and four checks (shuffled descriptions, coverage ablation, spread over CVAE samples, K/τ sweep).
-Seeds are summarised as mean ± std; everything lands in one output directory:
+recovered, four checks (shuffled descriptions, coverage ablation, spread over CVAE samples, K/τ sweep; `--check`
+runs a subset), and the rows for how people write (offline/evaluate_wording.py: held-out wordings, out-of-domain
+descriptions, the gate's firing rates). Seeds are summarised as mean ± std, and the headline figures as pooled over
+every task-seed, mean and worst seed; everything lands in one output directory, rewritten after each seed:
 
     <out>/config.json      build config, evaluation config, seeds: what reproduces the run
     <out>/split.json       per seed: seen/unseen task names and the seeds actually used
-    <out>/results.json     per seed, per task and averaged numbers, and the summary over seeds
+    <out>/results.json     per seed, per task and averaged numbers, the summary over seeds, and the provenance
+                           (command, commit, machine, threads, wall time; "complete" false until the last seed)
     <out>/report.md        the tables
     <out>/recall.png       bar chart of the summary
     <out>/seed<i>/store    the store built for seed i (reused when present), and seed<i>/oracles/
