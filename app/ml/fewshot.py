@@ -13,7 +13,9 @@ Methods (METHODS), each fitting CLIP's symmetric InfoNCE on the examples:
   weights   a few Adam steps on w, through the candidates' factors side by side (rank (C+1)·r: exactly Σ w_j ΔW_j,
             differentiable, no truncation while fitting; lora.per_sample_factors), same L1 term;
   factors   a few Adam steps on the description-only adapter's own factors (fine-tuning from it);
-  weights+factors  `weights` until the check loss stops improving, then `factors` from the best merge.
+  weights+factors  `weights` until the check loss stops improving, then `factors` from the best merge;
+  select    the one adapter of [description-only, candidates] with the lowest loss on every example, if it also
+            checks better than the description-only one (a discrete choice: no freedom to overfit weights).
 
 Refusing to overfit: the examples are split into a fit half and a check half (seeded). After every step the adapter
 that would be served is scored on the check half; the best so far is kept (the start included, so refinement never
@@ -38,7 +40,7 @@ from app.ml.delta_merge import merge_delta_mean
 from app.ml.lora import LoRALayout, per_sample_factors, per_sample_lora, vectors_to_factors
 from app.ml.retrieval import contrastive_loss
 
-METHODS = ("lorahub", "weights", "factors", "weights+factors")
+METHODS = ("select", "lorahub", "weights", "factors", "weights+factors")
 DEFAULT_METHOD = "weights"  # chosen by held-out retrieval on seen tasks (docs/method.md, "Few-shot refinement")
 
 STOP_CHECK = "check loss stopped improving"
@@ -55,7 +57,7 @@ class FewShotConfig:
     patience: int = 6  # steps without a better check loss before stopping
     min_examples: int = 4  # the least that splits into a fit and a check half of two pairs each
     time_budget_s: float = 30.0
-    lr_weights: float = 0.1
+    lr_weights: float = 0.02  # 0.1 moved too far from the description-only adapter on seen tasks
     lr_factors: float = 1e-2
     l1: float = 0.05  # LoraHub's L1 weight on the candidates' merge weights
     sigma: float = 0.3  # lorahub: CMA-ES initial step size
@@ -245,7 +247,25 @@ def _fit_weights_then_factors(obj: _Objective, fit: Examples, stop: _EarlyStop, 
         _fit_factors(obj, fit, stop, config, start=stop.best_vector)
 
 
-_FITS = {"lorahub": _fit_lorahub, "weights": _fit_weights, "factors": _fit_factors,
+def _fit_select(obj: _Objective, fit: Examples, stop: _EarlyStop, config: FewShotConfig) -> None:
+    """The one adapter of [description-only, candidates] with the lowest loss on every example, served only if it
+    also checks better than the description-only adapter: a discrete choice, which a handful of examples can make
+    without the freedom to overfit that continuous weights have. A step is one candidate scored."""
+    everything = Examples(torch.cat([fit.pixels, stop.check.pixels]), torch.cat([fit.tokens, stop.check.tokens]))
+    losses = []
+    with torch.no_grad():
+        for j in range(len(obj.stack)):
+            losses.append(float(obj.of_vector(obj.stack[j], everything)))
+            stop.steps += 1
+    best = int(np.argmin(losses))
+    stop.steps -= 1  # offer() counts the step that scores the chosen one on the check half
+    weights = _start_weights(len(obj.stack), "cpu")
+    weights[0], weights[best] = 0.0, 1.0
+    stop.offer(obj.stack[best], weights)
+    stop.reason = stop.reason or STOP_STEPS
+
+
+_FITS = {"select": _fit_select, "lorahub": _fit_lorahub, "weights": _fit_weights, "factors": _fit_factors,
          "weights+factors": _fit_weights_then_factors}
 
 
