@@ -13,6 +13,7 @@ from app.ml.fewshot import (
     METHODS,
     STOP_CHECK,
     STOP_FEW,
+    STOP_SMALL,
     STOP_STEPS,
     STOP_TIME,
     Examples,
@@ -91,6 +92,14 @@ def test_refinement_keeps_the_best_checked_adapter(setup, method):
     assert result.examples == 8 and result.candidate_ids == ["a", "b", "c", "d"]
     if method != "factors":
         assert result.weights is None or len(result.weights) == 5
+
+
+def test_a_small_improvement_on_the_check_half_serves_the_description_only_adapter(setup):
+    backbone, layout, start, candidates, examples = setup
+    result = refine(backbone, layout, LORA.scale, start, candidates, examples,
+                    FewShotConfig(max_steps=3, min_improvement=0.99))
+    assert torch.equal(result.vector, start) and result.weights is None
+    assert result.check_loss_after == result.check_loss_before and STOP_SMALL in result.stop_reason
 
 
 def test_time_budget_stops_after_the_step_that_spent_it(setup):

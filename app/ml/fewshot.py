@@ -20,8 +20,9 @@ Methods (METHODS), each fitting CLIP's symmetric InfoNCE on the examples:
 Refusing to overfit: the examples are split into a fit half and a check half (seeded). After every step the adapter
 that would be served is scored on the check half; the best so far is kept (the start included, so refinement never
 serves something that checks worse than the description-only adapter), and fitting stops after `patience` steps
-without a better check loss, at `max_steps`, or when `time_budget_s` is spent. Fewer than `min_examples` examples
-leave too few to check on: the start is returned unchanged, and the reason says so.
+without a better check loss, at `max_steps`, or when `time_budget_s` is spent. The best is served only if it lowers
+the check loss by at least `min_improvement` (30 %) of the description-only adapter's; else the latter is. Fewer
+than `min_examples` examples leave too few to check on: the start is returned unchanged, and the reason says so.
 
 Pure torch (plus `cma`): the service and the offline evaluation call the same `refine`.
 """
@@ -47,6 +48,7 @@ STOP_CHECK = "check loss stopped improving"
 STOP_TIME = "time budget spent"
 STOP_STEPS = "max_steps reached"
 STOP_FEW = "too few examples to hold any out for checking"
+STOP_SMALL = "the check loss fell by less than min_improvement: the description-only adapter is served"
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,10 @@ class FewShotConfig:
     sigma: float = 0.3  # lorahub: CMA-ES initial step size
     bound: float = 1.5  # lorahub: weights searched in [-bound, bound] (LoraHub's range)
     seed: int = 0  # the fit/check split and CMA-ES's sampling
+    # The refined adapter is served only if it lowers the check loss by at least this fraction of the description-
+    # only adapter's; else the description-only adapter is (a few check pairs make small improvements noise).
+    # 0.3: chosen on seen tasks (docs/method.md); smaller drops of the check loss retrieved worse more often.
+    min_improvement: float = 0.3
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -289,10 +295,14 @@ def refine(backbone: Backbone, layout: LoRALayout, scale: float, start_d: torch.
     stop = _EarlyStop(obj, check, start, config, t0, clock)
     _FITS[config.method](obj, fit, stop, config)
     best = stop.best_vector
+    reason = stop.reason
+    if best is not start and stop.best_loss > stop.start_loss * (1 - config.min_improvement):
+        best, stop.best_loss, stop.best_weights = start, stop.start_loss, None
+        reason = f"{reason}; {STOP_SMALL} ({100 * config.min_improvement:g} %)"
     with torch.no_grad():
         before, after = float(obj.of_vector(start, examples)), float(obj.of_vector(best, examples))
     return Refinement(best.float().cpu(), config.method, len(examples), stop.steps, clock() - t0,
-                      stop.reason != STOP_STEPS, stop.reason, before, after, stop.start_loss, stop.best_loss,
+                      stop.reason != STOP_STEPS, reason, before, after, stop.start_loss, stop.best_loss,
                       stop.best_weights, ids)
 
 
