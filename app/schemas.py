@@ -17,15 +17,27 @@ SEED_MAX = 2**53 - 1
 
 def _encodable(value: str) -> str:
     """A lone surrogate (JSON "\\ud800") makes a Python str that no UTF-8 consumer (tokenizer, safetensors
-    metadata, Redis) can take: refuse it here, naming the field, instead of failing deep inside."""
+    metadata, Redis) can take, and a NUL is no text at all (C strings end there, Redis keys and logs mangle it):
+    refuse both here, naming the field, instead of failing (or silently truncating) deep inside."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
         raise ValueError(f"text is not valid Unicode (unpaired surrogate at character {e.start})") from None
+    if "\x00" in value:
+        raise ValueError(f"text contains a NUL character (at character {value.index(chr(0))})")
     return value
 
 
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("text is empty")
+    return value
+
+
+# What the document says of a text field (the validators above, as far as a JSON-schema pattern can say it).
+NO_NUL_NOT_BLANK = "^[^\\u0000]*\\S[^\\u0000]*$"
 Text = Annotated[str, AfterValidator(_encodable)]
+Caption = Annotated[Text, AfterValidator(_not_blank), WithJsonSchema({"type": "string", "pattern": NO_NUL_NOT_BLANK})]
 # Validated by `check_strategy` (its message lists the choices); the schema shows them as an enum.
 StrategyName = Annotated[str, WithJsonSchema({"type": "string", "enum": sorted(STRATEGIES)})]
 
@@ -112,7 +124,7 @@ class GenerateResponse(BaseModel):
 class RetrieveOptions(GenerationOptions):
     """Everything of a /retrieve request except the images (base64 in JSON, files in multipart)."""
 
-    texts: list[Text] = Field(..., min_length=1, description="candidate captions")
+    texts: list[Caption] = Field(..., min_length=1, description="candidate captions (not blank)")
     description: Text | None = Field(None, description="generate an adapter for this task (through the cache)")
     adapter_id: Text | None = Field(None, description="use a previously generated adapter")
     top_k: int | None = Field(None, ge=1, description="ranked items returned per query (default: all)")

@@ -4,8 +4,8 @@ FastAPI documents the 200s and a 422 in its own `{"detail": ...}` shape. The ser
 envelope of `app.core.errors` with statuses that depend on what a route takes, so they are declared here by
 rule, for every route present when the document is built (routes added later inherit them):
 
-  every route outside /health     401 (API key, when configured), 503 (loading, overloaded, deadline, draining;
-                                  Retry-After), 500 (a bug)
+  every route outside /health     401 (API key: declared only when the server has one), 503 (loading,
+                                  overloaded, deadline, draining; Retry-After), 500 (a bug)
   a route with a request body     400 (malformed), 413 (over the body limit), 415 (content type), 422
   a route with query parameters   422
   a route with path parameters    404 (unknown id), 422
@@ -17,6 +17,8 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, Field
+
+from app.schemas import NO_NUL_NOT_BLANK
 
 
 class ErrorItem(BaseModel):
@@ -91,12 +93,13 @@ def _settings_bounds(app: FastAPI, schema: dict) -> None:
     """Limits that depend on settings (and k on the loaded library): static pydantic models cannot state them,
     but a client (and schemathesis) should see them, so a request that fits the document fits the server."""
     settings, engine = app.state.settings, app.state.engine
-    text = {"maxLength": settings.max_description_chars, "pattern": r"\S"}  # not blank
+    text = {"maxLength": settings.max_description_chars, "pattern": NO_NUL_NOT_BLANK}
     bounds = {
         "description": text,
         "num_samples": {"maximum": settings.max_num_samples},
         "images": {"maxItems": settings.max_images},
-        "texts": {"maxItems": settings.max_texts, "items": {"type": "string", "maxLength": settings.max_text_chars}},
+        "texts": {"maxItems": settings.max_texts, "items": {"type": "string", "maxLength": settings.max_text_chars,
+                                                             "pattern": NO_NUL_NOT_BLANK}},
     }
     if engine.ready:
         bounds["k"] = {"maximum": engine.library_size}
@@ -109,11 +112,33 @@ def _settings_bounds(app: FastAPI, schema: dict) -> None:
         for name, prop in model.get("properties", {}).items():
             if name in bounds:
                 _constrain(prop, **bounds[name])
+    for item in schema.get("paths", {}).values():  # ?q= takes a description: the same bounds
+        for op in item.values():
+            for param in op.get("parameters", []):
+                if param.get("in") == "query" and param.get("name") == "q":
+                    _constrain(param.get("schema", {}), minLength=1, **text)
+
+
+def _security_when_configured(app: FastAPI, schema: dict) -> None:
+    """X-API-Key is declared only when the server has a key: without one, no route asks for it (and none
+    answers 401), so the document must not say it does."""
+    if app.state.settings.api_key is not None:
+        return
+    for item in schema.get("paths", {}).values():
+        for op in item.values():
+            op["security"] = [s for s in op.get("security", []) if API_KEY_SCHEME not in s]
+            if not op["security"]:
+                del op["security"]
+    components = schema.get("components", {})
+    components.get("securitySchemes", {}).pop(API_KEY_SCHEME, None)
+    if not components.get("securitySchemes", True):
+        del components["securitySchemes"]
 
 
 def build_openapi(app: FastAPI) -> dict:
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     _settings_bounds(app, schema)
+    _security_when_configured(app, schema)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     components.update(ErrorEnvelope.model_json_schema(ref_template="#/components/schemas/{model}")
                       .pop("$defs", {}))

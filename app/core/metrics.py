@@ -40,6 +40,12 @@ class Metrics:
         self.work_waiting = Gauge("sglora_work_queue_depth", "requests waiting for a model-work slot", registry=r)
         self.shed = Counter("sglora_shed", "requests refused with 503 or dropped before their work started",
                             ["reason"], registry=r)
+        self.work_cancelled = Counter("sglora_work_cancelled", "model-work steps skipped because the client had gone",
+                                      ["step"], registry=r)
+        self.body_bytes = Gauge("sglora_body_bytes_in_flight", "request body bytes admitted and not yet released",
+                                registry=r)
+        self.loop_lag = Histogram("sglora_event_loop_lag_seconds", "how late the event loop ran a timer (stalls)",
+                                  buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r)
         self.batch_queue = Gauge("sglora_batch_queue_depth", "encodings waiting for the next micro-batch",
                                  registry=r)
         self.batch_size = Histogram("sglora_batch_size", "items per micro-batched forward",
