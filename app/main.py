@@ -40,7 +40,7 @@ from app.services.engine import Engine
 
 logger = logging.getLogger(__name__)
 PLAYGROUND_DIR = Path(__file__).parent / "static" / "playground"
-UPLOAD_PATHS = ("/retrieve",)  # the routes that take uploads (images); each of them always needs model work
+WORK_PATHS = ("/retrieve",)  # routes that always need model work: refused from their headers when admission would
 EXPOSED_HEADERS = ["X-Adapter-Id", "X-Sample-Adapter-Ids", "X-Adapter-Downloadable", "X-Cache", "X-Coverage",
                    "X-Coverage-Warning", "X-Request-ID", "Retry-After", "X-Store-Version",
                    "Content-Disposition"]
@@ -117,15 +117,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.lifecycle = Lifecycle()
     install_error_handlers(app)
 
-    def body_limit(path: str) -> int:
-        return settings.max_body_bytes if path in UPLOAD_PATHS else settings.max_fields_body_bytes
-
     # add_middleware wraps: the last added is outermost (metrics and the access log see every response).
     app.add_middleware(DeadlineMiddleware, seconds=settings.request_deadline_s, metrics=metrics)
     # Before any body is read: refuse what admission would refuse anyway, and bodies over the global budget.
     app.add_middleware(AdmissionGateMiddleware, budget=BodyBudget(settings.body_budget_bytes, metrics),
-                       work_paths=UPLOAD_PATHS, body_limit=body_limit)
-    app.add_middleware(BodyLimitMiddleware, body_limit=body_limit)
+                       work_paths=WORK_PATHS, chunked_reserve=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Content-Type", "Accept", "X-API-Key", "X-Request-ID"],

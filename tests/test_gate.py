@@ -60,7 +60,7 @@ class Recorder:
 
 
 def gate(budget: BodyBudget, recorder: Recorder) -> AdmissionGateMiddleware:
-    return AdmissionGateMiddleware(recorder.app, budget, work_paths=("/retrieve",), body_limit=lambda path: LIMIT)
+    return AdmissionGateMiddleware(recorder.app, budget, work_paths=("/retrieve",), chunked_reserve=LIMIT)
 
 
 def test_a_body_that_does_not_fit_the_budget_is_refused_unread():
@@ -86,7 +86,7 @@ def test_an_admitted_body_holds_its_share_until_the_request_ends():
     asyncio.run(gate(budget, rec)(scope("/generate-lora", 4000), rec.receive, rec.send))
     assert rec.ran and rec.status == 200 and rec.budget_seen == 4000 and budget.used == 0
 
-    rec = Recorder(budget)  # chunked: no length announced, so it reserves the most its route accepts
+    rec = Recorder(budget)  # chunked: no length announced, so it reserves the most a body may be
     asyncio.run(gate(budget, rec)(scope("/generate-lora", None, chunked=True), rec.receive, rec.send))
     assert rec.ran and rec.budget_seen == LIMIT and budget.used == 0
 

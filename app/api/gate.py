@@ -10,16 +10,14 @@ answer. Here a request is refused with 503 `overloaded` (Retry-After) at once wh
   * its declared Content-Length does not fit the global budget of body bytes in flight (`BodyBudget`): the
     per-request limit (413) bounds one body, this bounds all of them together.
 
-A body without Content-Length (chunked) reserves the most its route accepts (`body_limit(path)`, which the
-413 check enforces while it streams). The reservation is given back when the request ends. A refused request's
+A body without Content-Length (chunked) reserves the most a body may be (`chunked_reserve`: the body limit,
+which the 413 check enforces while it streams). The reservation is given back when the request ends. A refused request's
 unread body is not wanted: above `CLOSE_ABOVE` bytes the response says `Connection: close`, so the upload stops
 there; a client that sent `Expect: 100-continue` (curl does for large bodies) gets the 503 instead of the 100
 and uploads nothing.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -31,9 +29,8 @@ CLOSE_ABOVE = 64 * 1024  # a refused body larger than this is not drained: the c
 
 
 class AdmissionGateMiddleware:
-    def __init__(self, app: ASGIApp, budget: BodyBudget, work_paths: tuple[str, ...],
-                 body_limit: Callable[[str], int]):
-        self.app, self.budget, self.work_paths, self.body_limit = app, budget, work_paths, body_limit
+    def __init__(self, app: ASGIApp, budget: BodyBudget, work_paths: tuple[str, ...], chunked_reserve: int):
+        self.app, self.budget, self.work_paths, self.chunked_reserve = app, budget, work_paths, chunked_reserve
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -44,7 +41,7 @@ class AdmissionGateMiddleware:
         if declared is not None:
             size = int(declared) if declared.isdigit() else 0  # malformed: the body limit's 400
         else:
-            size = self.body_limit(scope["path"]) if "chunked" in headers.get("transfer-encoding", "") else 0
+            size = self.chunked_reserve if "chunked" in headers.get("transfer-encoding", "") else 0
         admission: Admission | None = getattr(scope["app"].state, "admission", None)
         if scope["path"] in self.work_paths and admission is not None:
             refused = admission.refusal()

@@ -60,11 +60,7 @@ class Settings(BaseSettings):
     lru_max_entries: int = Field(512, ge=1, description="in-process cache size (entries), when no Redis")
 
     # --- limits ------------------------------------------------------------------------------------------
-    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="request body limit of /retrieve (uploads)")
-    max_fields_body_bytes: int = Field(
-        64 * 1024, ge=1024, description="request body limit of the other routes (a few JSON fields, parsed on the "
-        "event loop: kept small so that no request can stall it)"
-    )
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     max_body_bytes_in_flight: int | None = Field(
         None, ge=1024, description="request body bytes held at once across all requests (declared Content-Length, "
         "or streamed); a body that does not fit gets 503 before it is read. Unset: 2 x max_body_bytes"

@@ -6,7 +6,6 @@ import asyncio
 import re
 import time
 import uuid
-from collections.abc import Callable
 
 import structlog
 from starlette.datastructures import Headers, MutableHeaders
@@ -29,26 +28,15 @@ class BodyTooLarge(HTTPException):
 
 
 class BodyLimitMiddleware:
-    """413 for a body over the limit: at once from Content-Length, and while streaming (chunked bodies).
+    """413 for a body over `max_bytes`: at once from Content-Length, and while streaming (chunked bodies)."""
 
-    `body_limit(path)`: the limit of a route (uploads may be large; a body of a few fields, which FastAPI parses
-    on the event loop, is kept small so that parsing it stays short)."""
-
-    def __init__(self, app: ASGIApp, body_limit: Callable[[str], int]):
-        self.app, self.body_limit = app, body_limit
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        await _LimitedBody(self.app, self.body_limit(scope.get("path", "")))(scope, receive, send)
-
-
-class _LimitedBody:
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         declared = Headers(scope=scope).get("content-length")
         if declared is not None:
             if not declared.isdigit():
