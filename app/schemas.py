@@ -98,7 +98,9 @@ REFINEMENT_DESCRIPTION = ("what the examples did (null without examples): method
 
 
 class Coverage(BaseModel):
-    max_similarity: float | None = Field(description="best cosine between the description and an expert's")
+    max_similarity: float | None = Field(description="coverage: the best cosine between the description and any "
+                                                     "library expert's (the number the gate checks), whatever "
+                                                     "the strategy routed to")
     threshold: float
     warning: str | None = None
 
@@ -112,8 +114,12 @@ class GenerateResponse(BaseModel):
     downloads: dict[str, str] = Field(default_factory=dict, description="download URL per format: safetensors, "
                                       "peft, open_clip-merged (empty when not downloadable)")
     cache: Literal["hit", "miss"]
-    strategy: str
-    trace: dict | None = Field(description="expert_ids, descriptions, similarities, weights, max_similarity")
+    strategy: str = Field(description="the strategy requested (or the server's default)")
+    served: str = Field(description="whose adapter this is: `strategy`, or zero_shot when the gate fell back")
+    trace: dict | None = Field(description="the routed experts, one entry per expert in each list (expert_ids, "
+                                           "descriptions, similarities, predicted_gains, weights, reasons: why "
+                                           "each was chosen), and how they were chosen (routed_by, routing); "
+                                           "null for zero_shot and when gated (no expert was applied)")
     coverage: Coverage
     gated: str | None = Field(None, description="why the confidence gate served zero-shot (B = 0) instead of "
                                                 "the strategy's adapter; null when it did not")
@@ -156,7 +162,8 @@ class AdapterUsed(BaseModel):
     downloadable: bool | None = Field(None, description="whether adapter_id can be fetched from /adapters/{id}")
     cache: Literal["hit", "miss"] | None = None
     strategy: str | None = None
-    max_similarity: float | None = None
+    max_similarity: float | None = Field(None, description="coverage of the description: best cosine to any "
+                                                           "library expert")
     gated: str | None = Field(None, description="why the confidence gate fell back to zero-shot (null: it did not)")
     refinement: dict | None = Field(None, description=REFINEMENT_DESCRIPTION)
 

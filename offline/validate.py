@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from app.ml.aggregator import coverage as library_coverage
 from app.ml.backbone import Backbone
 from app.ml.lora import LoRALayout
 from app.ml.routing import FALLBACK_PARAMS, Gate, StoreRouting
@@ -168,7 +169,7 @@ def calibrate_gate(loto: LOTO, strategy: str, params: dict, routing: StoreRoutin
     for task in loto.tasks:
         query = bank.embeddings[bank.row_of(task)]
         keep = np.array([e != task for e in bank.ids])
-        coverage[task] = float((bank.embeddings[keep] @ query).max())
+        coverage[task] = library_coverage(bank, query, exclude=(task,))  # what the served gate will check
         fold = loto.fold_store(task, routing)
         gains = fold.routing.predicted_gains(query, bank.embeddings[keep]) if fold.routing else None
         best_gain[task] = None if gains is None else float(gains.max())

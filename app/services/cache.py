@@ -44,7 +44,8 @@ from app.core.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1  # bump when the value format changes: old entries then simply stop matching
+# Bump when the value format changes: old entries then simply stop matching. 2: files record coverage and reasons.
+CACHE_FORMAT = 2
 GEN, ADAPTER = "gen", "adapter"
 DURABLE_RETRIES = 2  # extra attempts for an id write, each on a fresh connection
 T = TypeVar("T")

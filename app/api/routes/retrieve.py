@@ -130,7 +130,7 @@ def _response(result: Retrieval) -> RetrieveResponse:
     used = AdapterUsed(source=choice.source, adapter_id=adapter.adapter_id if adapter else None,
                        downloadable=choice.downloadable, cache=choice.cache,
                        strategy=adapter.metadata.get("strategy") if adapter else None,
-                       max_similarity=adapter.max_similarity if adapter else None,
+                       max_similarity=adapter.coverage if adapter else None,
                        gated=adapter.gated if adapter else None,
                        refinement=adapter.refinement if adapter else None)
     return RetrieveResponse(
