@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from tests.test_service_support import encode, serving, settings_for
+from tests.test_service_support import encode, metric, serving, settings_for
 
 LIMITS = dict(max_images=3, max_texts=3, max_image_pixels=64 * 64, max_description_chars=50, max_num_samples=2,
               max_text_chars=40, max_body_bytes=200_000, max_request_pixels=2 * 64 * 64)
@@ -227,6 +227,14 @@ def test_api_key_when_configured(tiny_build):
         assert client.get("/health/ready").status_code == 200  # probes need no key
         assert client.get("/metrics").status_code == 200
         assert client.get("/experts", headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert client.get("/experts", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        wrong = client.get("/experts", headers={"Authorization": "Bearer wrong"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["field"] == "Authorization"
+        assert client.get("/experts", headers={"Authorization": "Basic s3cret"}).status_code == 401
+        # Both metric families count the same requests: sglora's own and Micrometer's http_server_requests.
+        refused = metric(client, "sglora_http_requests_total", method="GET", route="/experts", status="401")
+        assert refused >= 4 and metric(client, "http_server_requests_seconds_count", method="GET", uri="/experts",
+                                       status="401", outcome="CLIENT_ERROR") == refused
 
 
 def test_cors_allows_the_configured_origin_only(tiny_build):

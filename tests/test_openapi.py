@@ -54,15 +54,17 @@ def test_the_document_declares_errors_security_enums_and_bounds(server):
     assert set(generate["responses"]) >= {"200", "400", "413", "415", "422", "503"}
     assert generate["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorEnvelope")
     assert "Retry-After" in generate["responses"]["503"]["headers"]
+    schemes = doc["components"].get("securitySchemes", {})
     if server.api_key:
-        assert generate["security"] == [{"ApiKey": []}] and "401" in generate["responses"]
-        assert doc["components"]["securitySchemes"]["ApiKey"] == {
-            "type": "apiKey", "in": "header", "name": "X-API-Key",
-            "description": "required when the server sets SGLORA_API_KEY"}
+        assert generate["security"] == [{"ApiKey": []}, {"BearerAuth": []}] and "401" in generate["responses"]
+        assert schemes["ApiKey"] == {"type": "apiKey", "in": "header", "name": "X-API-Key",
+                                     "description": "required when the server sets SGLORA_API_KEY"}
+        assert schemes["BearerAuth"] | {"description": ""} == {"type": "http", "scheme": "bearer", "description": ""}
     else:  # no key configured: no route asks for one, none answers 401
-        assert not [op for op in ops.values() if {"ApiKey": []} in op.get("security", [])]
+        assert not [op for op in ops.values() if {"ApiKey": []} in op.get("security", [])
+                    or {"BearerAuth": []} in op.get("security", [])]
         assert "401" not in generate["responses"]
-        assert "ApiKey" not in doc["components"].get("securitySchemes", {})
+        assert "ApiKey" not in schemes and "BearerAuth" not in schemes
     q = next(p for p in ops[("/experts", "get")]["parameters"] if p["name"] == "q")["schema"]["anyOf"][0]
     assert q["minLength"] == 1 and q["maxLength"] == 500 and q["pattern"]  # ?q= is refused, and says so
     assert "404" in ops[("/adapters/{adapter_id}", "get")]["responses"]

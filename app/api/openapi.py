@@ -40,7 +40,8 @@ class ErrorEnvelope(BaseModel):
 
 _DESCRIPTIONS = {
     400: "the body is malformed (not JSON, bad Content-Length)",
-    401: "missing or wrong X-API-Key (only when the server sets SGLORA_API_KEY); X-Admin-Key on /admin routes",
+    401: "missing or wrong API key, sent as X-API-Key or Authorization: Bearer (only when the server sets "
+         "SGLORA_API_KEY); X-Admin-Key on /admin routes",
     403: "admin routes are switched off (the server has no SGLORA_ADMIN_KEY)",
     404: "unknown or expired id",
     409: "the store's new version cannot be served (corrupt, another base model); the served version stays",
@@ -53,7 +54,7 @@ _DESCRIPTIONS = {
 _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
 _REQUEST_ID = {"X-Request-ID": {"description": "the request's id (the client's, when it sent a tame one)",
                                 "schema": {"type": "string"}}}
-API_KEY_SCHEME = "ApiKey"
+API_KEY_SCHEMES = ("ApiKey", "BearerAuth")  # app.api.deps: the key as X-API-Key, or as Authorization: Bearer
 
 
 def _error(status: int) -> dict:
@@ -120,17 +121,18 @@ def _settings_bounds(app: FastAPI, schema: dict) -> None:
 
 
 def _security_when_configured(app: FastAPI, schema: dict) -> None:
-    """X-API-Key is declared only when the server has a key: without one, no route asks for it (and none
-    answers 401), so the document must not say it does."""
+    """The API key's schemes (X-API-Key, Bearer) are declared only when the server has a key: without one, no
+    route asks for it (and none answers 401), so the document must not say it does."""
     if app.state.settings.api_key is not None:
         return
     for item in schema.get("paths", {}).values():
         for op in item.values():
-            op["security"] = [s for s in op.get("security", []) if API_KEY_SCHEME not in s]
+            op["security"] = [s for s in op.get("security", []) if not set(s) & set(API_KEY_SCHEMES)]
             if not op["security"]:
                 del op["security"]
     components = schema.get("components", {})
-    components.get("securitySchemes", {}).pop(API_KEY_SCHEME, None)
+    for scheme in API_KEY_SCHEMES:
+        components.get("securitySchemes", {}).pop(scheme, None)
     if not components.get("securitySchemes", True):
         del components["securitySchemes"]
 
