@@ -67,7 +67,9 @@ class AdapterService:
                               disconnected: Callable[[], Awaitable[bool]] | None, store: Store) -> list[AdapterFile]:
         """The model work of a miss, in the caller's admission slot or (a cache hit needs none) one of its own."""
         query = None
-        if self.batcher is not None:  # the routing embedding joins the next text micro-batch (its own slot)
+        if self.batcher is not None and slot is None:
+            # The routing embedding joins the next text micro-batch, which takes a slot of its own: never while
+            # holding the caller's slot (with every slot held that way, the batch could never run).
             query = (await self.batcher.encode("text", [params.description], None))[0].cpu().numpy()
         if slot is None:
             async with self.admission.slot(disconnected) as own:
