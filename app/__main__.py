@@ -15,6 +15,8 @@ import time
 import typer
 import uvicorn
 
+from app.core.config import Settings
+from app.core.header_timeout import header_timeout_protocol
 from app.core.lifecycle import Lifecycle
 from app.main import create_app, load_settings
 
@@ -40,12 +42,18 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
+def server_config(app, settings: Settings, host: str, port: int) -> uvicorn.Config:
+    """uvicorn's settings for this app: our access line instead of uvicorn's, the drain's grace period, and a
+    bound on how long a client may take to send its headers."""
+    return uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
+                          timeout_graceful_shutdown=settings.shutdown_grace_s,
+                          http=header_timeout_protocol(settings.header_timeout_s))
+
+
 def main(host: str = "127.0.0.1", port: int = 8000) -> None:
     settings = load_settings()
     app = create_app(settings)
-    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=settings.shutdown_grace_s)
-    DrainingServer(config, app.state.lifecycle, settings.shutdown_delay_s).run()
+    DrainingServer(server_config(app, settings, host, port), app.state.lifecycle, settings.shutdown_delay_s).run()
 
 
 if __name__ == "__main__":

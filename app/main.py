@@ -21,23 +21,26 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import require_admin_key, require_api_key
 from app.api.examples import add_openapi_examples
+from app.api.gate import AdmissionGateMiddleware
 from app.api.openapi import install_openapi
 from app.api.routes import admin, experts, generate, health, retrieve
 from app.core.config import Settings
 from app.core.errors import install_error_handlers
 from app.core.lifecycle import Lifecycle
 from app.core.logging import configure_logging
+from app.core.loop_lag import watch_loop_lag
 from app.core.memory import limit_arenas
 from app.core.metrics import Metrics
 from app.core.middleware import BodyLimitMiddleware, DeadlineMiddleware, RequestMiddleware
 from app.services.adapters import AdapterService
-from app.services.admission import Admission
+from app.services.admission import Admission, BodyBudget
 from app.services.batching import MicroBatcher
 from app.services.cache import make_cache
 from app.services.engine import Engine
 
 logger = logging.getLogger(__name__)
 PLAYGROUND_DIR = Path(__file__).parent / "static" / "playground"
+WORK_PATHS = ("/retrieve",)  # routes that always need model work: refused from their headers when admission would
 EXPOSED_HEADERS = ["X-Adapter-Id", "X-Sample-Adapter-Ids", "X-Adapter-Downloadable", "X-Cache", "X-Coverage",
                    "X-Coverage-Warning", "X-Request-ID", "Retry-After", "X-Store-Version",
                    "Content-Disposition"]
@@ -82,7 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         batcher = None
         if settings.batch_window_ms > 0:
             batcher = MicroBatcher(engine, settings.batch_window_ms / 1000, settings.batch_max_items,
-                                   settings.batch_max_queue, metrics)
+                                   settings.batch_max_queue, metrics, admission)
         app.state.cache, app.state.admission = cache, admission
         app.state.adapters = AdapterService(engine, cache, metrics, admission, batcher)
         loader = None
@@ -94,10 +97,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         else:
             await _load(engine, metrics)  # a bad store ends start-up here, loudly
         watcher = asyncio.create_task(_watch_store(engine, settings.store_watch_s)) if settings.store_watch_s else None
+        lag = asyncio.create_task(watch_loop_lag(metrics))
         try:
             yield
         finally:
-            for task in (loader, watcher):
+            for task in (loader, watcher, lag):
                 if task is not None and not task.done():
                     task.cancel()
             await cache.close()
@@ -115,6 +119,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # add_middleware wraps: the last added is outermost (metrics and the access log see every response).
     app.add_middleware(DeadlineMiddleware, seconds=settings.request_deadline_s, metrics=metrics)
+    # Before any body is read: refuse what admission would refuse anyway, and bodies over the global budget.
+    app.add_middleware(AdmissionGateMiddleware, budget=BodyBudget(settings.body_budget_bytes, metrics),
+                       work_paths=WORK_PATHS, chunked_reserve=settings.max_body_bytes)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],

@@ -17,15 +17,27 @@ SEED_MAX = 2**53 - 1
 
 def _encodable(value: str) -> str:
     """A lone surrogate (JSON "\\ud800") makes a Python str that no UTF-8 consumer (tokenizer, safetensors
-    metadata, Redis) can take: refuse it here, naming the field, instead of failing deep inside."""
+    metadata, Redis) can take, and a NUL is no text at all (C strings end there, Redis keys and logs mangle it):
+    refuse both here, naming the field, instead of failing (or silently truncating) deep inside."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
         raise ValueError(f"text is not valid Unicode (unpaired surrogate at character {e.start})") from None
+    if "\x00" in value:
+        raise ValueError(f"text contains a NUL character (at character {value.index(chr(0))})")
     return value
 
 
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("text is empty")
+    return value
+
+
+# What the document says of a text field (the validators above, as far as a JSON-schema pattern can say it).
+NO_NUL_NOT_BLANK = "^[^\\u0000]*\\S[^\\u0000]*$"
 Text = Annotated[str, AfterValidator(_encodable)]
+Caption = Annotated[Text, AfterValidator(_not_blank), WithJsonSchema({"type": "string", "pattern": NO_NUL_NOT_BLANK})]
 # Validated by `check_strategy` (its message lists the choices); the schema shows them as an enum.
 StrategyName = Annotated[str, WithJsonSchema({"type": "string", "enum": sorted(STRATEGIES)})]
 
@@ -86,7 +98,9 @@ REFINEMENT_DESCRIPTION = ("what the examples did (null without examples): method
 
 
 class Coverage(BaseModel):
-    max_similarity: float | None = Field(description="best cosine between the description and an expert's")
+    max_similarity: float | None = Field(description="coverage: the best cosine between the description and any "
+                                                     "library expert's (the number the gate checks), whatever "
+                                                     "the strategy routed to")
     threshold: float
     warning: str | None = None
 
@@ -100,8 +114,12 @@ class GenerateResponse(BaseModel):
     downloads: dict[str, str] = Field(default_factory=dict, description="download URL per format: safetensors, "
                                       "peft, open_clip-merged (empty when not downloadable)")
     cache: Literal["hit", "miss"]
-    strategy: str
-    trace: dict | None = Field(description="expert_ids, descriptions, similarities, weights, max_similarity")
+    strategy: str = Field(description="the strategy requested (or the server's default)")
+    served: str = Field(description="whose adapter this is: `strategy`, or zero_shot when the gate fell back")
+    trace: dict | None = Field(description="the routed experts, one entry per expert in each list (expert_ids, "
+                                           "descriptions, similarities, predicted_gains, weights, reasons: why "
+                                           "each was chosen), and how they were chosen (routed_by, routing); "
+                                           "null for zero_shot and when gated (no expert was applied)")
     coverage: Coverage
     gated: str | None = Field(None, description="why the confidence gate served zero-shot (B = 0) instead of "
                                                 "the strategy's adapter; null when it did not")
@@ -112,7 +130,7 @@ class GenerateResponse(BaseModel):
 class RetrieveOptions(GenerationOptions):
     """Everything of a /retrieve request except the images (base64 in JSON, files in multipart)."""
 
-    texts: list[Text] = Field(..., min_length=1, description="candidate captions")
+    texts: list[Caption] = Field(..., min_length=1, description="candidate captions (not blank)")
     description: Text | None = Field(None, description="generate an adapter for this task (through the cache)")
     adapter_id: Text | None = Field(None, description="use a previously generated adapter")
     top_k: int | None = Field(None, ge=1, description="ranked items returned per query (default: all)")
@@ -144,7 +162,8 @@ class AdapterUsed(BaseModel):
     downloadable: bool | None = Field(None, description="whether adapter_id can be fetched from /adapters/{id}")
     cache: Literal["hit", "miss"] | None = None
     strategy: str | None = None
-    max_similarity: float | None = None
+    max_similarity: float | None = Field(None, description="coverage of the description: best cosine to any "
+                                                           "library expert")
     gated: str | None = Field(None, description="why the confidence gate fell back to zero-shot (null: it did not)")
     refinement: dict | None = Field(None, description=REFINEMENT_DESCRIPTION)
 

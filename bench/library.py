@@ -48,6 +48,12 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def disk_read_bytes() -> int:
+    """Bytes this process caused to be read from storage (page-cache misses, readahead included)."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("read_bytes:"))
+
+
 def rss_split_mb() -> tuple[float, float]:
     """(anonymous, file-backed) resident MB: file pages are the mapped library, anonymous ones the heap."""
     values = {}
@@ -77,19 +83,18 @@ def clustered_embeddings(n: int, seed: int, clusters: int | None = None) -> np.n
 
 
 class _SyntheticLibrary:
-    """Rows of a synthetic library made on demand (row r from seed r): `write_store` gathers and writes them one
-    segment at a time, so a 100k-expert store (44 GB in fp16) is written in one version without holding it."""
+    """Rows of a synthetic library made on demand: `write_store` gathers and writes them one segment at a time, so a
+    100k-expert store (44 GB in fp16) is written in one version without holding it. Generated a block at a time (a
+    block seeded by its first row) and scaled in place: per-row tensors cost more in allocation than in numbers."""
 
     def __init__(self, n: int, D: int, seed: int):
         self.shape, self.seed = (n, D), seed
 
     def gather(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
-        mus, variances = [], []
-        for r in rows:
-            generator = torch.Generator().manual_seed(self.seed * 10**8 + int(r))
-            mus.append(torch.randn(self.shape[1], generator=generator) * 0.02)
-            variances.append(torch.rand(self.shape[1], generator=generator) * 1e-4)
-        return torch.stack(mus), torch.stack(variances)
+        rows = list(rows)
+        generator = torch.Generator().manual_seed(self.seed * 10**8 + int(rows[0]))
+        mu = torch.randn(len(rows), self.shape[1], generator=generator).mul_(0.02)
+        return mu, torch.rand(len(rows), self.shape[1], generator=generator).mul_(1e-4)
 
 
 class _SyntheticRows:
@@ -101,15 +106,24 @@ class _SyntheticRows:
         self.library, self.shape = library, torch.Size(library.shape)
 
 
-def build_store(path: Path, n: int, dtype: str, seed: int = 0) -> float:
-    """A synthetic ViT-B/16-sized store of n experts, written as one version; returns seconds."""
-    from app.ml.aggregator import ExpertBank
+def library_layout(model: str):
+    import app.ml.backbone  # noqa: F401  registers the bundled open_clip configs (tiny_clip)
     from app.ml.lora import LoRAConfig, layout_from_model_config
+
+    layout = layout_from_model_config(model, LoRAConfig())
+    assert model != "ViT-B-16" or layout.D == VIT_B16_D
+    return layout
+
+
+def build_store(path: Path, n: int, dtype: str, seed: int = 0, model: str = "ViT-B-16") -> float:
+    """A synthetic store of n experts with `model`'s LoRA layout (ViT-B/16: D = 110,592), written as one version;
+    returns seconds. Embeddings are 512-wide whatever the model, so routing costs what it costs at ViT-B/16."""
+    from app.ml.aggregator import ExpertBank
+    from app.ml.lora import LoRAConfig
     from app.ml.store import write_store
 
     t0 = time.perf_counter()
-    layout = layout_from_model_config("ViT-B-16", LoRAConfig())
-    assert layout.D == VIT_B16_D
+    layout = library_layout(model)
     embeddings = clustered_embeddings(n, seed)
     rows = _SyntheticRows(_SyntheticLibrary(n, layout.D, seed))
     records = [{"id": f"expert-{i:07d}", "description": f"synthetic task {i}", "provenance": {"synthetic": True}}
@@ -117,7 +131,7 @@ def build_store(path: Path, n: int, dtype: str, seed: int = 0) -> float:
     # The routing index over the embeddings is built once, after the rows: `write_store` picks it by size.
     bank = ExpertBank([r["id"] for r in records], [r["description"] for r in records], rows, rows, embeddings,
                       _NoIndex(n))
-    write_store(path, base_model={"name": "ViT-B-16", "pretrained": "openai", "weights_id": "tag:openai"},
+    write_store(path, base_model={"name": model, "pretrained": None, "weights_id": "synthetic"},
                 lora_config=LoRAConfig(), layout=layout, bank=bank, experts=records, index_factory="auto", dtype=dtype)
     return time.perf_counter() - t0
 
@@ -144,11 +158,12 @@ def measure_store(path: Path, requests: int, k: int, in_memory: bool) -> dict:
     open_s = time.perf_counter() - t0
     rss_open = rss_bytes()
     queries = held_out_queries(store.bank.embeddings, requests, seed=1)
-    times = []
+    times, read0 = [], disk_read_bytes()
     for q in queries:
         t = time.perf_counter()
         aggregate_experts(store.bank, q, k=k, tau=0.05)
         times.append(time.perf_counter() - t)
+    disk_mb_per_request = (disk_read_bytes() - read0) / 2**20 / len(queries)
     rss_req = rss_bytes()
     warm = []  # the same requests again: every row they touch is verified already (first use hashes the row)
     for q in queries:
@@ -169,6 +184,7 @@ def measure_store(path: Path, requests: int, k: int, in_memory: bool) -> dict:
     return router_timings(store.bank.embeddings, requests, k) | {
         "open_s": open_s, "rss_open_mb": (rss_open - rss0) / 2**20, "rss_requests_mb": (rss_req - rss0) / 2**20,
         "rss_requests_anon_mb": anon - anon0, "rss_requests_file_mb": file - file0,
+        "disk_mb_per_request": disk_mb_per_request,
         "p50_ms": 1e3 * statistics.median(times), "p95_ms": 1e3 * float(np.percentile(times, 95)),
         "warm_p50_ms": 1e3 * statistics.median(warm), "full_hash_s": full_hash_s,
         "bytes": sum(s["bytes"] for s in segments)}
@@ -227,17 +243,18 @@ def _measure_in_subprocess(path: Path, requests: int, k: int, in_memory: bool) -
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_library(root: Path, sizes: list[int], dtypes: list[str], requests: int, k: int) -> list[dict]:
-    rows = []
+def run_library(root: Path, sizes: list[int], dtypes: list[str], requests: int, k: int,
+                model: str = "ViT-B-16") -> list[dict]:
+    rows, D = [], library_layout(model).D
     for n in sizes:
         for dtype in dtypes:
             path = root / f"lib-{n}-{dtype}"
-            need, free = 2 * n * VIT_B16_D * np.dtype(dtype).itemsize, shutil.disk_usage(root).free
+            need, free = 2 * n * D * np.dtype(dtype).itemsize, shutil.disk_usage(root).free
             if need + DISK_MARGIN > free:  # the disk is shared: never fill it
                 print(f"| {n:,} | {dtype} | skipped: needs {need / 1e9:.1f} GB + {DISK_MARGIN / 1e9:.0f} GB margin, "
                       f"{free / 1e9:.1f} GB free |", flush=True)
                 continue
-            build_s = build_store(path, n, dtype)
+            build_s = build_store(path, n, dtype, model=model)
             row = {"experts": n, "dtype": dtype, "storage": "mmap", "build_s": build_s,
                    **_measure_in_subprocess(path, requests, k, in_memory=False)}
             rows.append(row)
@@ -256,14 +273,16 @@ DISK_MARGIN = 15e9  # bytes left free beside a synthetic library
 
 LIB_HEADER = ("| experts | dtype | storage | on disk GB | open s | full-hash s (v1 start) | open / full-hash "
               "| RSS after open MB | RSS after requests MB (heap + mapped) | agg p50 ms | agg p95 ms "
-              "| agg p50 ms, rows verified |\n" + "|---" * 12 + "|")
+              "| agg p50 ms, rows verified | disk MB read per request | router top-K p50 ms (index) "
+              "| router p50 ms (exhaustive) |\n" + "|---" * 15 + "|")
 
 
 def _library_row(r: dict) -> str:
     return (f"| {r['experts']:,} | {r['dtype']} | {r['storage']} | {r['bytes'] / 1e9:.2f} | {r['open_s']:.3f} | "
             f"{r['full_hash_s']:.2f} | {r['open_s'] / r['full_hash_s']:.3f} | {r['rss_open_mb']:.0f} | "
             f"{r['rss_requests_mb']:.0f} ({r['rss_requests_anon_mb']:.0f} + {r['rss_requests_file_mb']:.0f}) | "
-            f"{r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['warm_p50_ms']:.2f} |")
+            f"{r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['warm_p50_ms']:.2f} | {r['disk_mb_per_request']:.2f} | "
+            f"{r['router_p50_ms']:.3f} | {r['router_exhaustive_p50_ms']:.1f} |")
 
 
 # ------------------------------------------------------------------------------------------- (c) server
@@ -435,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experts", type=_ints, default=[1000, 10_000, 100_000],
                         help="library sizes (a size whose store does not fit on the disk is skipped, and says so)")
+    parser.add_argument("--model", default="ViT-B-16",
+                        help="LoRA layout of the synthetic library rows (tiny_clip: D = 3,072, for a quick E-curve)")
     parser.add_argument("--dtypes", default="float16,float32", help="comma list of float16,float32")
     parser.add_argument("--embeddings", type=_ints, default=[100_000, 1_000_000], help="routing sizes")
     parser.add_argument("--requests", type=int, default=1000)
@@ -464,9 +485,11 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     try:
         if "library" in args.sections:
-            print(f"\n(a) expert library, ViT-B/16 size (D = {VIT_B16_D:,}), K = {args.k}, {args.requests} requests"
+            print(f"\n(a) expert library, {args.model} LoRA size (D = {library_layout(args.model).D:,}), K = {args.k}, "
+                  f"{args.requests} requests"
                   f"\n{LIB_HEADER}", flush=True)
-            results["library"] = run_library(root, args.experts, args.dtypes.split(","), args.requests, args.k)
+            results["library"] = run_library(root, args.experts, args.dtypes.split(","), args.requests, args.k,
+                                             args.model)
         if "server" in args.sections:
             if args.tiny_store is None:
                 parser.error("the server section needs --tiny-store (or leave it out of --sections)")

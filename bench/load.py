@@ -1,22 +1,29 @@
-"""Load against a real server: `python -m bench.load [--store PATH] [--seconds 3] [--concurrency 1,8,32,64,256]`.
+"""Load against a real server: `python -m bench.load [--store PATH] [--seconds 3] [--concurrency 1,8,32,128,256]`.
 
-Starts `python -m app` (real uvicorn) on a free port against the real Redis (own key prefix, removed after), and
-drives it with closed-loop clients (each client sends its next request when its last one is answered) for a
-fixed time per cell, for three workloads:
+Starts `python -m app` (real uvicorn) on a free port against a real Redis (`--redis-url`, default
+$SGLORA_REDIS_URL or 127.0.0.1:6379; own key prefix, removed after from that same Redis), and drives it with
+closed-loop clients (each client sends its next request when its last one is answered, a 503 included: they
+ignore Retry-After, as most load balancers' retries and naive scripts do) for a fixed time per cell, for three
+workloads:
 
   cached      POST /generate-lora, one description: every request after the first is a cache hit
   uncached    POST /generate-lora, a new description per request: every request generates
   retrieval   POST /retrieve, 4 images (64x64 PNG) x 4 captions, zero-shot
 
-at each concurrency, once with micro-batching off and once on (SGLORA_BATCH_WINDOW_MS). Each row: requests/s,
-latency p50/p95/p99 of the answered requests, the share shed (503), other errors (timeouts count here), the
-slowest /health/live answer meanwhile (event-loop stalls), the server's peak resident memory, and req/s as a
+at each concurrency, once with micro-batching off and once on (SGLORA_BATCH_WINDOW_MS; `--batching off` for one).
+Each row: goodput (answered 200s per second) and its share of the best goodput of that workload, latency
+p50/p95/p99 of the answered requests, the share shed (503) and the 503s' median latency, other errors (timeouts
+count here), the slowest /health/live answer meanwhile (event-loop stalls), the server's event-loop lag samples
+over 100 ms and Redis errors (time-outs among them) from its /metrics, its peak resident memory, and goodput as a
 ratio to the unbatched run of the same cell (the baseline, measured in the same run).
 
 `--memory` instead measures one /retrieve of 64 solid-colour 4096x4096 PNGs (the issue's amplification case):
-resident memory before, at its peak and 10 s after, threads, and the request's time and status. `--runner
-uvicorn` starts `uvicorn app.main:app` instead (for trees that predate `python -m app`), `--tree` runs another
-checkout's code, and `--env K=V` passes settings (e.g. SGLORA_MAX_REQUEST_PIXELS for the 64 x 4096^2 request).
+resident memory before, at its peak and 10 s after, threads, and the request's time and status. `--bodies 40`
+instead sends 40 concurrent /retrieve uploads of `--body-mb` (30) MiB each the way curl sends a large body
+(`Expect: 100-continue`): the server's peak RSS growth and how many were refused before any byte of their body
+was sent. `--runner uvicorn` starts `uvicorn app.main:app` instead (for trees that predate `python -m app`),
+`--tree` runs another checkout's code, and `--env K=V` passes settings (e.g. SGLORA_MAX_REQUEST_PIXELS for the
+64 x 4096^2 request).
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKLOADS = ("cached", "uncached", "retrieval")
+DEFAULT_REDIS = os.environ.get("SGLORA_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 def _free_port() -> int:
@@ -52,13 +60,14 @@ def _free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, store: Path, tree: Path, runner: str, env: dict[str, str]):
+    def __init__(self, store: Path, tree: Path, runner: str, env: dict[str, str], redis_url: str = DEFAULT_REDIS):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.prefix = f"sglora-bench:{uuid.uuid4().hex[:8]}:"
+        self.redis_url = env.get("SGLORA_REDIS_URL", redis_url)  # the server's, whichever way it was given
         base = {k: v for k, v in os.environ.items() if not k.startswith("SGLORA_")}
         self.env = base | {"PYTHONPATH": str(tree), "SGLORA_STORE_PATH": str(store), "SGLORA_DEVICE": "cpu",
-                           "SGLORA_REDIS_URL": "redis://127.0.0.1:6379/0", "SGLORA_REDIS_PREFIX": self.prefix,
+                           "SGLORA_REDIS_URL": self.redis_url, "SGLORA_REDIS_PREFIX": self.prefix,
                            "SGLORA_LOG_LEVEL": "WARNING"} | env
         if runner == "uvicorn":
             self.cmd = [sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(self.port), "--log-level",
@@ -104,7 +113,7 @@ class ServerProcess:
         try:
             import redis
 
-            client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+            client = redis.Redis.from_url(self.redis_url)
             keys = list(client.scan_iter(match=self.prefix + "*", count=500))
             if keys:
                 client.delete(*keys)
@@ -134,7 +143,7 @@ def _requests(workload: str):
 
 async def _drive(url: str, workload: str, concurrency: int, seconds: float, timeout_s: float) -> dict:
     supply = _requests(workload)
-    latencies, statuses = [], []
+    latencies, statuses, refusals = [], [], []
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout_s) as client:
         if workload == "cached":  # the one miss happens before the clock starts
@@ -147,10 +156,12 @@ async def _drive(url: str, workload: str, concurrency: int, seconds: float, time
                 path, body = next(supply)
                 t0 = time.perf_counter()
                 try:
-                    r = await client.post(path, json=body)
+                    r = await client.post(path, json=body)  # a 503's Retry-After is ignored: at once again
                     statuses.append(r.status_code)
                     if r.status_code == 200:
                         latencies.append(time.perf_counter() - t0)
+                    elif r.status_code == 503:
+                        refusals.append(time.perf_counter() - t0)
                 except httpx.HTTPError:
                     statuses.append(0)
 
@@ -174,45 +185,73 @@ async def _drive(url: str, workload: str, concurrency: int, seconds: float, time
         wall = time.perf_counter() - t0
     ok = len(latencies)
     q = statistics.quantiles(latencies, n=100) if ok >= 2 else [latencies[0] if ok else float("nan")] * 99
-    return {"rps": ok / wall, "p50": q[49], "p95": q[94], "p99": q[98], "n": len(statuses),
+    refused_p50 = statistics.median(refusals) if refusals else float("nan")
+    return {"rps": ok / wall, "p50": q[49], "p95": q[94], "p99": q[98], "n": len(statuses), "p50_503": refused_p50,
             "shed": statuses.count(503) / max(1, len(statuses)),
             "errors": sum(1 for s in statuses if s not in (200, 503)), "live_max": max(probes, default=float("nan"))}
 
 
+def _server_counts(url: str) -> dict[str, float]:
+    """Redis errors (time-outs among them) and event-loop lag so far, from the server's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts = {"redis_errors": 0.0, "lag_over_100ms": 0.0}
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text):
+        for sample in family.samples:
+            if sample.name == "sglora_cache_errors_total" and sample.labels.get("backend") == "redis":
+                counts["redis_errors"] += sample.value
+            elif sample.name == "sglora_event_loop_lag_seconds_count":
+                counts["lag_over_100ms"] += sample.value
+            elif sample.name == "sglora_event_loop_lag_seconds_bucket" and sample.labels.get("le") == "0.1":
+                counts["lag_over_100ms"] -= sample.value
+    return counts
+
+
 def run_table(store: Path, tree: Path, runner: str, env: dict[str, str], concurrency: list[int], seconds: float,
-              window_ms: float, timeout_s: float) -> list[dict]:
+              window_ms: float, timeout_s: float, workloads: list[str] = WORKLOADS,
+              batchings: tuple[bool, ...] = (False, True)) -> list[dict]:
     rows = []
-    for batching in (False, True):
+    for batching in batchings:
         cell_env = env | {"SGLORA_BATCH_WINDOW_MS": str(window_ms if batching else 0)}
         with ServerProcess(store, tree, runner, cell_env) as server:
-            for workload in WORKLOADS:
+            for workload in workloads:
                 for c in concurrency:
                     server.peak = server.rss()
                     stop = threading.Event()
                     watcher = threading.Thread(target=server.watch_peak, args=(stop,), daemon=True)
                     watcher.start()
+                    before = _server_counts(server.url)
                     result = asyncio.run(_drive(server.url, workload, c, seconds, timeout_s))
+                    after = _server_counts(server.url)
                     stop.set()
                     watcher.join()
                     rows.append({"workload": workload, "concurrency": c, "batching": batching,
-                                 "peak_rss_mb": server.peak / 2**20, **result})
+                                 "peak_rss_mb": server.peak / 2**20, **result,
+                                 **{k: after[k] - before[k] for k in after}})
                     print(f"  {workload:9s} c={c:<4d} batching={batching!s:5s} {result['rps']:7.1f} req/s",
                           file=sys.stderr)
     base = {(r["workload"], r["concurrency"]): r["rps"] for r in rows if not r["batching"]}
+    best = {}
     for r in rows:
-        b = base[(r["workload"], r["concurrency"])]
+        best[r["workload"], r["batching"]] = max(best.get((r["workload"], r["batching"]), 0.0), r["rps"])
+    for r in rows:
+        b = base.get((r["workload"], r["concurrency"]))
         r["ratio"] = r["rps"] / b if b else float("nan")
+        top = best[r["workload"], r["batching"]]
+        r["of_best"] = r["rps"] / top if top else float("nan")
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| workload | conc. | batching | req/s | ratio vs unbatched | p50 ms | p95 ms | p99 ms | shed 503 "
-             "| other errors | requests | /health/live max ms | peak RSS MiB |", "|" + "---|" * 13]
+    lines = ["| workload | conc. | batching | goodput req/s | of best | ratio vs unbatched | p50 ms | p95 ms | p99 ms "
+             "| shed 503 | 503 p50 ms | other errors | requests | /health/live max ms | loop lag > 100 ms "
+             "| Redis errors | peak RSS MiB |", "|" + "---|" * 17]
     for r in sorted(rows, key=lambda r: (WORKLOADS.index(r["workload"]), r["concurrency"], r["batching"])):
         lines.append(f"| {r['workload']} | {r['concurrency']} | {'on' if r['batching'] else 'off'} "
-                     f"| {r['rps']:.1f} | {r['ratio']:.2f} | {1000 * r['p50']:.0f} | {1000 * r['p95']:.0f} "
-                     f"| {1000 * r['p99']:.0f} | {100 * r['shed']:.1f}% | {r['errors']} | {r['n']} "
-                     f"| {1000 * r['live_max']:.0f} | {r['peak_rss_mb']:.0f} |")
+                     f"| {r['rps']:.1f} | {r['of_best']:.2f} | {r['ratio']:.2f} | {1000 * r['p50']:.0f} "
+                     f"| {1000 * r['p95']:.0f} | {1000 * r['p99']:.0f} | {100 * r['shed']:.1f}% "
+                     f"| {1000 * r['p50_503']:.0f} | {r['errors']} | {r['n']} | {1000 * r['live_max']:.0f} "
+                     f"| {r['lag_over_100ms']:.0f} | {r['redis_errors']:.0f} | {r['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
 
 
@@ -240,6 +279,66 @@ def memory_probe(store: Path, tree: Path, runner: str, env: dict[str, str], imag
                 "body_mb": len(httpx.Request("POST", "http://x", json=body).read()) / 2**20}
 
 
+def _big_body(megabytes: float) -> bytes:
+    """A /retrieve JSON body of about `megabytes` MiB: one PNG of noise (incompressible), base64."""
+    import numpy as np
+    from PIL import Image
+
+    side = int((megabytes * 2**20 * 3 / 4 / 3) ** 0.5)
+    noise = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, format="PNG", compress_level=1)
+    return ('{"images": ["' + base64.b64encode(buf.getvalue()).decode() + '"], "texts": ["noise"]}').encode()
+
+
+def _upload(port: int, body: bytes, timeout_s: float) -> dict:
+    """One client as curl sends a large body: headers with `Expect: 100-continue`, the body only after the
+    server's 100. -> final status and the body bytes actually sent."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+        sock.sendall(f"POST /retrieve HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n".encode())
+        reader = sock.makefile("rb")
+        status = int(reader.readline().split()[1])
+        sent = 0
+        if status == 100:
+            while reader.readline() not in (b"\r\n", b""):
+                pass
+            sock.sendall(body)
+            sent = len(body)
+            status = int(reader.readline().split()[1])
+        return {"status": status, "sent": sent}
+
+
+def bodies_probe(store: Path, tree: Path, runner: str, env: dict[str, str], clients: int, megabytes: float,
+                 timeout_s: float) -> dict:
+    """`clients` concurrent uploads of a `megabytes` body each: the server's RSS growth at its peak, and how
+    many were refused before a byte of their body was sent."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = _big_body(megabytes)
+    with ServerProcess(store, tree, runner, env) as server:
+        time.sleep(1.0)
+        before = server.rss()
+        server.peak = before
+        stop = threading.Event()
+        watcher = threading.Thread(target=server.watch_peak, args=(stop,), daemon=True)
+        watcher.start()
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            results = list(pool.map(lambda _: _upload(server.port, body, timeout_s), range(clients)))
+        seconds = time.perf_counter() - t0
+        stop.set()
+        watcher.join()
+    statuses = sorted({r["status"] for r in results})
+    return {"clients": clients, "body_mb": len(body) / 2**20, "seconds": seconds,
+            "before_mb": before / 2**20, "growth_mb": (server.peak - before) / 2**20,
+            "refused_unsent": sum(1 for r in results if r["sent"] == 0 and r["status"] == 503),
+            "uploaded": sum(1 for r in results if r["sent"]),
+            "statuses": {s: sum(1 for r in results if r["status"] == s) for s in statuses}}
+
+
 def _machine() -> str:
     load = os.getloadavg()
     return (f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, load average "
@@ -253,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tree", type=Path, default=ROOT, help="checkout whose code the server runs")
     parser.add_argument("--runner", choices=("app", "uvicorn"), default="app")
     parser.add_argument("--env", action="append", default=[], help="K=V passed to the server")
-    parser.add_argument("--concurrency", default="1,8,32,64,256")
+    parser.add_argument("--concurrency", default="1,8,32,128,256")
     parser.add_argument("--seconds", type=float, default=3.0, help="per cell")
     parser.add_argument("--timeout", type=float, default=30.0, help="client timeout per request")
     parser.add_argument("--window-ms", type=float, default=5.0, help="micro-batching window of the 'on' runs")
@@ -261,9 +360,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--side", type=int, default=4096)
     parser.add_argument("--after", type=float, default=10.0, help="seconds after the request to read RSS again")
+    parser.add_argument("--bodies", type=int, default=0, help="instead: this many concurrent large uploads")
+    parser.add_argument("--body-mb", type=float, default=30.0, help="size of each --bodies upload (MiB)")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--batching", default="off,on", help="off, on, or off,on")
+    parser.add_argument("--redis-url", default=DEFAULT_REDIS, help="the Redis the server uses (and the bench cleans)")
     args = parser.parse_args(argv)
-    env = dict(kv.split("=", 1) for kv in args.env)
+    env = {"SGLORA_REDIS_URL": args.redis_url} | dict(kv.split("=", 1) for kv in args.env)
     print(f"machine at start: {_machine()}")
+    if args.bodies:
+        b = bodies_probe(args.store, args.tree.resolve(), args.runner, env, args.bodies, args.body_mb, args.timeout)
+        print(f"| uploads | body MiB | RSS before MiB | peak growth MiB | refused before upload | uploaded "
+              f"| statuses | seconds |\n|---|---|---|---|---|---|---|---|\n| {b['clients']} | {b['body_mb']:.1f} "
+              f"| {b['before_mb']:.0f} | {b['growth_mb']:.0f} | {b['refused_unsent']} | {b['uploaded']} "
+              f"| {b['statuses']} | {b['seconds']:.1f} |")
+        print(f"machine at end: {_machine()}")
+        return 0
     if args.memory:
         m = memory_probe(args.store, args.tree.resolve(), args.runner, env, args.images, args.side, args.after)
         print(f"| request | status | time s | server CPU s | RSS before MiB | peak MiB | after {args.after:g} s MiB "
@@ -275,8 +387,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"body: {m['body']}")
         return 0
     concurrency = [int(c) for c in args.concurrency.split(",")]
+    batchings = tuple(b == "on" for b in args.batching.split(","))
     rows = run_table(args.store, args.tree.resolve(), args.runner, env, concurrency, args.seconds, args.window_ms,
-                     args.timeout)
+                     args.timeout, args.workloads.split(","), batchings)
     print(table(rows))
     print(f"machine at end: {_machine()}")
     return 0

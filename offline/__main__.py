@@ -112,7 +112,10 @@ def add_experts(
     from offline.import_experts import add_experts as run
 
     texts = json.loads(descriptions.read_text()) if descriptions else {}
-    typer.echo(json.dumps(_store_command(lambda: run(store, sources, texts)), indent=2))
+    summary = _store_command(lambda: run(store, sources, texts))
+    for note in summary.get("notes", []):
+        typer.echo(f"note: {note}", err=True)
+    typer.echo(json.dumps(summary, indent=2))
 
 
 @cli.command("remove-experts")

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -52,6 +52,7 @@ class Imported:
     mu: torch.Tensor  # [D] in the store's layout and scale
     var: torch.Tensor  # [D]
     provenance: dict
+    notes: list[str] = field(default_factory=list)  # accepted, but the user should know (printed by add-experts)
 
 
 # ------------------------------------------------------------------------------------------------ sources
@@ -78,7 +79,11 @@ def read_peft(folder: Path, layout: LoRALayout, lora: LoRAConfig, base_hf_name: 
                   "peft_lora_alpha": peft_config.get("lora_alpha"), "use_rslora": bool(peft_config.get("use_rslora")),
                   "scale_ratio": hf_clip.peft_scale(peft_config) / lora.scale, "base_model_name_or_path": peft_base,
                   "sigma2": "zero: single checkpoint", "layout_hash": layout.hash}
-    return Imported(folder.name, None, vector, torch.zeros_like(vector), provenance)
+    notes = []
+    if int(peft_config["r"]) < layout.rank:
+        notes.append(f"{folder.name}: rank r={peft_config['r']} zero-padded to the store's rank {layout.rank} (ΔW is "
+                     f"unchanged; the padded rank is empty, so this expert adds a rank-{peft_config['r']} update)")
+    return Imported(folder.name, None, vector, torch.zeros_like(vector), provenance, notes)
 
 
 def _describe_layout(layout: LoRALayout, lora: LoRAConfig) -> str:
@@ -192,8 +197,9 @@ def add_experts(store_path: Path, sources: Sequence[Path], descriptions: dict[st
     new = NewExperts(records, torch.stack([i.mu for i in imported]), torch.stack([i.var for i in imported]),
                      embeddings)
     version = update_store(store_path, add=new, reason=f"experts added: {[r['id'] for r in records]}")
+    notes = [note for i in imported for note in i.notes]
     return {"version": version, "previous_version": store.version, "added": [r["id"] for r in records],
-            "experts": len(store.bank) + len(records)}
+            "experts": len(store.bank) + len(records)} | ({"notes": notes} if notes else {})
 
 
 def remove_experts(store_path: Path, ids: Sequence[str]) -> dict:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from app.ml.aggregator import coverage as library_coverage
 from app.ml.backbone import Backbone
 from app.ml.domain_gate import DomainModel, fit_domain
 from app.ml.lora import LoRALayout
@@ -245,7 +246,7 @@ def calibrate_gate(loto: LOTO, strategy: str, params: dict, routing: StoreRoutin
     for task in loto.tasks:
         query = bank.embeddings[bank.row_of(task)]
         keep = np.array([e != task for e in bank.ids])
-        coverage[task] = float((bank.embeddings[keep] @ query).max())
+        coverage[task] = library_coverage(bank, query, exclude=(task,))  # what the served gate will check
         distance[task] = None if domain is None else float(
             fit_store_domain(loto, grid, calibration["per_task"], task).distance(query)[0])
         fold = loto.fold_store(task, routing)

@@ -119,3 +119,84 @@ def test_a_slot_is_held_until_its_thread_finishes_even_when_the_request_is_cut()
             pass
 
     asyncio.run(scenario())
+
+
+def test_a_request_whose_expected_wait_exceeds_the_limit_is_refused_at_once_not_after_waiting():
+    async def scenario():
+        a = admission(limit=1, queue=10, wait_s=1.5)
+        a.service_s = 1.0  # as measured: a request holds its slot for 1 s
+        async with a.slot():
+            first = asyncio.create_task(a._acquire())  # expected wait 1.0 s <= 1.5 s: it queues
+            await asyncio.sleep(0)
+            assert a.waiting == 1 and a.refusal()[0] == "expected_wait"  # the next would wait 2.0 s
+            t0 = time.perf_counter()
+            with pytest.raises(Overloaded, match="expected wait for capacity is 2.0s"):
+                async with a.slot():
+                    pass
+            assert time.perf_counter() - t0 < 0.1
+        await first  # the queued one got the slot when it was given back
+        a._release(0.5)
+        assert a.metrics.shed.labels("expected_wait")._value.get() == 1
+        # the moving average follows what slots really take: 1.0 -> ~0.8 (a held of ~0 s) -> ~0.74 (0.5 s)
+        assert 0.73 < a.service_s < 0.78
+
+    asyncio.run(scenario())
+
+
+def test_every_run_is_a_safe_point_for_a_client_that_left_during_the_work():
+    async def scenario():
+        a = admission(limit=1, queue=0)
+        gone, ran = False, []
+
+        async def disconnected() -> bool:
+            return gone
+
+        def step(name):
+            ran.append(name)
+
+        with pytest.raises(ClientGone):
+            async with a.slot(disconnected) as slot:
+                await slot.run(step, "first")
+                gone = True  # the client leaves while the first step runs
+                await slot.run(step, "second")
+        assert ran == ["first"]
+        assert a.metrics.work_cancelled.labels("step")._value.get() == 1
+        async with a.slot():  # the slot was given back
+            pass
+
+    asyncio.run(scenario())
+
+
+def test_accelerator_out_of_memory_frees_the_cache_and_is_a_503_that_sheds(monkeypatch):
+    import torch
+
+    import app.services.admission as module
+    from app.core.errors import OutOfMemory, status_of
+
+    freed = []
+    monkeypatch.setattr(module, "free_accelerator_memory", lambda: freed.append(True))
+
+    def forward():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    async def scenario():
+        a = admission(limit=1, queue=0)
+        with pytest.raises(OutOfMemory) as e:
+            async with a.slot() as slot:
+                await slot.run(forward)
+        assert status_of(e.value) == 503 and e.value.retry_after_s == 1
+        assert freed == [True] and a.metrics.shed.labels("out_of_memory")._value.get() == 1
+        async with a.slot() as slot:  # the server goes on
+            assert await slot.run(lambda: 7) == 7
+
+    asyncio.run(scenario())
+
+
+def test_the_body_budget_bounds_bytes_across_requests():
+    from app.services.admission import BodyBudget
+
+    budget = BodyBudget(100, Metrics())
+    assert budget.reserve(60) and not budget.reserve(41) and budget.reserve(40)
+    budget.release(60)
+    assert budget.used == 40 and budget.reserve(0)
+    assert budget.metrics.shed.labels("body_budget")._value.get() == 1

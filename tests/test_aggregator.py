@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from app.ml.aggregator import (
+    AggregationTrace,
     ExpertBank,
     aggregate_experts,
     build_index,
+    coverage,
     route,
     softmax_weights,
     uniform_prior,
@@ -185,19 +187,20 @@ def test_uniform_prior_equals_pooled_checkpoint_statistics(rng: np.random.Genera
     np.testing.assert_allclose(prior.mu.numpy(), pooled.mean(0), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(prior.var.numpy(), pooled.var(0), rtol=1e-4, atol=1e-5)
     assert prior.trace.weights == pytest.approx([1 / n_experts] * n_experts)
-    assert prior.trace.similarities == [] and prior.trace.max_similarity is None
+    assert prior.trace.similarities == [] and prior.trace.routed_by == "all"
 
 
 def test_uniform_prior_over_routed_topk_matches_reference(bank: ExpertBank, rng: np.random.Generator) -> None:
     query = unit_rows(rng, 1, EMB)[0]
     rows, sims = route(bank, query, k=4)
-    prior = uniform_prior(bank, rows, query=query)
+    prior = uniform_prior(bank, rows, query=query, routed_by="cosine")  # AdapterSoup
     mu, var = bank_arrays(bank)
     mu_ref, var_ref = ref_mixture(mu[rows], var[rows], np.full(4, 0.25))
     np.testing.assert_allclose(prior.mu.numpy(), mu_ref, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(prior.var.numpy(), var_ref, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(prior.trace.similarities, sims, atol=1e-5)
-    assert prior.trace.max_similarity == pytest.approx(float(sims[0]), abs=1e-5)
+    assert prior.trace.reasons()[1] == f"2nd-nearest description in the library (cosine {sims[1]:.3f}); " \
+                                       "equal weight 1/4"
 
 
 def test_trace_to_dict_is_json_ready(bank: ExpertBank, rng: np.random.Generator) -> None:
@@ -205,8 +208,28 @@ def test_trace_to_dict_is_json_ready(bank: ExpertBank, rng: np.random.Generator)
     trace = aggregate_experts(bank, query, k=3).trace
     d = json.loads(json.dumps(trace.to_dict()))
     assert d["expert_ids"] == trace.expert_ids
-    assert len(d["similarities"]) == len(d["weights"]) == 3
-    assert d["max_similarity"] == pytest.approx(max(trace.similarities))
+    assert len(d["similarities"]) == len(d["weights"]) == len(d["reasons"]) == 3
+    assert "max_similarity" not in d  # coverage has one definition (aggregator.coverage), not the routed experts' max
+    assert d["routed_by"] == "cosine" and d["reasons"][0].startswith(f"nearest description in the library (cosine "
+                                                                       f"{trace.similarities[0]:.3f}); weight ")
+
+
+def test_coverage_is_the_best_cosine_to_any_expert(bank: ExpertBank, rng: np.random.Generator) -> None:
+    query = unit_rows(rng, 1, EMB)[0]
+    cosines = bank.embeddings.astype(np.float64) @ query.astype(np.float64)
+    assert coverage(bank, query) == pytest.approx(cosines.max(), abs=1e-6)
+    best = bank.ids[int(cosines.argmax())]
+    assert coverage(bank, query, exclude=(best,)) == pytest.approx(np.sort(cosines)[-2], abs=1e-6)
+
+
+def test_reasons_say_a_gain_routed_expert_was_chosen_for_its_gain_not_its_cosine() -> None:
+    trace = AggregationTrace(["pink-star", "green-ring"], ["a photo of a pink star", "a photo of a green ring"],
+                             similarities=[0.99, 0.97], weights=[0.7, 0.3], predicted_gains=[5.5, 1.25],
+                             routed_by="predicted_gain")
+    assert trace.reasons() == [
+        "highest predicted gain in the library (+5.50 mR@1 points), cosine 0.990; weight 0.700 (softmax of gain/τ)",
+        "2nd-highest predicted gain in the library (+1.25 mR@1 points), cosine 0.970; weight 0.300 (softmax of gain/τ)"]
+    assert "transfer router predicts" in trace.to_dict()["routing"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from tests.test_service_support import encode, serving, settings_for
+from tests.test_service_support import encode, metric, serving, settings_for
 
 LIMITS = dict(max_images=3, max_texts=3, max_image_pixels=64 * 64, max_description_chars=50, max_num_samples=2,
               max_text_chars=40, max_body_bytes=200_000, max_request_pixels=2 * 64 * 64)
@@ -58,6 +58,9 @@ CASES = [
     ("description blank", "post", "/generate-lora", gen(description="   \n "), 422, "description"),
     ("description too long", "post", "/generate-lora", gen(description="a" * 51), 422, "description"),
     ("description not a string", "post", "/generate-lora", gen(description=123), 422, "description"),
+    ("NUL in description", "post", "/generate-lora", gen(description="a photo\x00"), 422, "description"),
+    ("NUL in q", "get", "/experts?q=a%00b", {}, 422, "q"),
+    ("blank q", "get", "/experts?q=%20", {}, 422, "q"),
     ("unknown strategy", "post", "/generate-lora", gen(strategy="magic"), 422, "strategy"),
     ("k zero", "post", "/generate-lora", gen(k=0), 422, "k"),
     ("k negative", "post", "/generate-lora", gen(k=-2), 422, "k"),
@@ -104,6 +107,11 @@ CASES = [
      "images"),
     ("no images", "post", "/retrieve", retrieve_json(images=[]), 422, "images"),
     ("too many texts", "post", "/retrieve", retrieve_json(texts=["a"] * 4), 422, "texts"),
+    ("empty caption", "post", "/retrieve", retrieve_json(texts=["ok", ""]), 422, "texts[1]"),
+    ("blank caption", "post", "/retrieve", retrieve_json(texts=[" \t "]), 422, "texts[0]"),
+    ("NUL in a caption", "post", "/retrieve", retrieve_json(texts=["a photo\x00of a cat"]), 422, "texts[0]"),
+    ("multipart empty caption", "post", "/retrieve",
+     {"files": [("images", ("a.png", image(), "image/png"))], "data": {"texts": [""]}}, 422, "texts[0]"),
     ("no texts", "post", "/retrieve", retrieve_json(texts=[]), 422, "texts"),
     ("text too long", "post", "/retrieve", retrieve_json(texts=["ok", "b" * 41]), 422, "texts[1]"),
     ("images missing", "post", "/retrieve", {"json": {"texts": ["a"]}}, 422, "images"),
@@ -219,6 +227,14 @@ def test_api_key_when_configured(tiny_build):
         assert client.get("/health/ready").status_code == 200  # probes need no key
         assert client.get("/metrics").status_code == 200
         assert client.get("/experts", headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert client.get("/experts", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        wrong = client.get("/experts", headers={"Authorization": "Bearer wrong"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["field"] == "Authorization"
+        assert client.get("/experts", headers={"Authorization": "Basic s3cret"}).status_code == 401
+        # Both metric families count the same requests: sglora's own and Micrometer's http_server_requests.
+        refused = metric(client, "sglora_http_requests_total", method="GET", route="/experts", status="401")
+        assert refused >= 4 and metric(client, "http_server_requests_seconds_count", method="GET", uri="/experts",
+                                       status="401", outcome="CLIENT_ERROR") == refused
 
 
 def test_cors_allows_the_configured_origin_only(tiny_build):

@@ -77,3 +77,18 @@ def test_concurrent_generations_share_the_routing_forward_and_match_unbatched(pa
         assert tensors_w.keys() == tensors_g.keys()
         for name in tensors_w:
             torch.testing.assert_close(tensors_g[name], tensors_w[name], rtol=1e-4, atol=1e-6)
+
+
+def test_a_retrieval_that_generates_never_waits_for_a_batch_while_holding_the_only_slot(tiny_build):
+    """A batch takes a model-work slot of its own; a /retrieve with a description generates inside its slot, so
+    its routing embedding must not wait for a batch there (with one slot, the batch could never run: the request
+    would hang until its deadline, a 503)."""
+    settings = settings_for(tiny_build.out, batch_window_ms=5, max_concurrent_work=1, request_deadline_s=20)
+    pairs = tiny_build.split.test_pairs[tiny_build.split.unseen[0].name][:2]
+    body = {"images": [png_b64(p.image) for p in pairs], "texts": [p.caption for p in pairs],
+            "description": f"a photo of a batched retrieval {uuid.uuid4().hex[:6]}"}
+    with serving(settings) as client:
+        r = client.post("/retrieve", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["adapter"]["cache"] == "miss"  # it generated, in its slot, and ranked in a batch
+        assert metric(client, "sglora_batch_size_count") >= 2  # both towers went through the batcher

@@ -153,6 +153,32 @@ def test_a_failed_generation_releases_the_lock_for_the_other_replica(prefix):
     assert b_result == (b"from-b", "miss") and calls[0] == "a" and len(calls) == 2
 
 
+def test_a_replica_whose_read_just_preceded_the_other_s_write_does_not_generate_again(prefix):
+    """The narrow interleaving a busy machine widens: b reads (a miss), then a generates, stores and releases its
+    lock, then b takes the lock without waiting. b must read again under the lock, not generate a second time."""
+    async def scenario():
+        a, b = replica_cache(prefix), replica_cache(prefix)
+        calls: list = []
+        real_get = b.backend.get
+
+        async def miss_then_let_a_finish(key: str):
+            value = await real_get(key)
+            if key == "gen:k" and not calls:  # b's first read missed; a runs its whole generation meanwhile
+                await a.get_or_create("k", producer(calls, b"from-a"), load)
+            return value
+
+        b.backend.get = miss_then_let_a_finish
+        try:
+            result = await b.get_or_create("k", producer(calls, b"from-b"), load)
+        finally:
+            await _close(a, b)
+        return result, calls, b.metrics
+
+    (item, status), calls, metrics = asyncio.run(scenario())
+    assert len(calls) == 1, f"{len(calls)} generations for one key on two replicas"
+    assert (item, status) == (b"from-a", "hit") and cache_lock_waits(metrics) == 0
+
+
 def test_with_redis_down_each_process_still_generates_once(prefix):
     async def scenario():
         cache = replica_cache(prefix, CLOSED_PORT_URL)

@@ -11,7 +11,6 @@ import sys
 import zipfile
 from pathlib import Path
 
-import open_clip
 import pytest
 import torch
 
@@ -60,10 +59,9 @@ def sglora_forward(engine, adapter_bytes, pixels, tokens):
 def test_peft_export_loads_in_peft_on_the_converted_clip_model(served, inputs, tmp_path):
     """Must show: exported PEFT folder -> PeftModel.from_pretrained on the tiny CLIPModel converted from the tiny
     open_clip weights -> image and text embeddings equal sglora's injection within 1e-4, both towers adapted."""
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     pytest.importorskip("transformers")
     from app.ml.backbone import load_backbone
-    from app.ml.hf_clip import to_hf_clip_model
 
     client, ctx = served
     pixels, tokens, adapter_id, data = inputs
@@ -84,8 +82,14 @@ def test_peft_export_loads_in_peft_on_the_converted_clip_model(served, inputs, t
 
     meta = engine.store.base_model
     plain = load_backbone(meta["name"], pretrained=engine.store.base_pretrained(), device="cpu")
-    hf = to_hf_clip_model(plain.model, open_clip.get_model_config(meta["name"]))
-    model = peft.PeftModel.from_pretrained(hf, str(tmp_path)).eval()
+    # The folder's README.md code, run as written (its two placeholders filled): it is what users will copy.
+    readme = (tmp_path / "README.md").read_text()
+    assert "from_pretrained(\"a CLIPModel" not in readme and "No Hugging Face checkpoint" in readme
+    code = readme.split("```python\n")[-1].split("```")[0]
+    namespace: dict = {}
+    exec(code.replace("<this folder>", str(tmp_path)).replace("<store>", str(engine.store.path)), namespace)
+    model = namespace["model"].eval()
+    assert type(namespace["base"]).__name__ == "CLIPModel"
     check = model.load_adapter(str(tmp_path), adapter_name="check")
     assert list(check.missing_keys) == [] and list(check.unexpected_keys) == []
     model.set_adapter("default")
@@ -183,3 +187,19 @@ with torch.no_grad():
     out = load_file(str(tmp_path / "out.safetensors"))
     ours_image, ours_text = sglora_forward(engine, data, pixels, tokens)
     assert (out["image"] - ours_image).abs().max() < 1e-5 and (out["text"] - ours_text).abs().max() < 1e-5
+
+
+def test_peft_readme_gives_the_hub_code_when_a_hub_checkpoint_holds_the_base():
+    from types import SimpleNamespace
+
+    from app.ml.hf_clip import hf_base_model_name
+    from app.ml.lora import LoRAConfig
+    from app.services.export import peft_readme
+    from app.services.generator import AdapterFile
+
+    store = SimpleNamespace(base_model={"name": "ViT-B-16", "pretrained": "openai"}, lora_config=LoRAConfig())
+    readme = peft_readme(AdapterFile("a" * 64, b"", {"description": "a photo of a cat"}), store,
+                         hf_base_model_name("ViT-B-16", "openai"))
+    assert 'base = CLIPModel.from_pretrained("openai/clip-vit-base-patch16")' in readme
+    assert 'load_backbone("ViT-B-16", "openai", device="cpu")' in readme  # and the converted route, always
+    assert readme.count('PeftModel.from_pretrained(base, "<this folder>")') == 2

@@ -13,6 +13,7 @@ from app.ml.fewshot import (
     METHODS,
     STOP_CHECK,
     STOP_FEW,
+    STOP_SMALL,
     STOP_STEPS,
     STOP_TIME,
     Examples,
@@ -85,12 +86,20 @@ def test_refinement_keeps_the_best_checked_adapter(setup, method):
     result = refine(backbone, layout, LORA.scale, start, candidates, examples, config, ["a", "b", "c", "d"])
     assert result.vector.shape == start.shape and torch.isfinite(result.vector).all()
     assert result.check_loss_after <= result.check_loss_before
-    assert 1 <= result.steps <= 4
-    assert result.stop_reason in (STOP_CHECK, STOP_STEPS, STOP_TIME)
-    assert result.stopped_early == (result.stop_reason != STOP_STEPS)
+    assert 1 <= result.steps <= (len(candidates) + 1 if method == "select" else 4)  # select: one per adapter
+    assert result.stop_reason.split(";")[0] in (STOP_CHECK, STOP_STEPS, STOP_TIME)
+    assert result.stopped_early == (result.stop_reason.split(";")[0] != STOP_STEPS)
     assert result.examples == 8 and result.candidate_ids == ["a", "b", "c", "d"]
     if method != "factors":
         assert result.weights is None or len(result.weights) == 5
+
+
+def test_a_small_improvement_on_the_check_half_serves_the_description_only_adapter(setup):
+    backbone, layout, start, candidates, examples = setup
+    result = refine(backbone, layout, LORA.scale, start, candidates, examples,
+                    FewShotConfig(max_steps=3, min_improvement=0.99))
+    assert torch.equal(result.vector, start) and result.weights is None
+    assert result.check_loss_after == result.check_loss_before and STOP_SMALL in result.stop_reason
 
 
 def test_time_budget_stops_after_the_step_that_spent_it(setup):
@@ -98,7 +107,7 @@ def test_time_budget_stops_after_the_step_that_spent_it(setup):
     ticks = itertools.count(0.0, 10.0)  # every reading of the clock is 10 s later
     result = refine(backbone, layout, LORA.scale, start, candidates, examples,
                     FewShotConfig(time_budget_s=5.0, max_steps=50, patience=50), clock=lambda: next(ticks))
-    assert result.stop_reason == STOP_TIME and result.stopped_early and result.steps == 1
+    assert result.stop_reason.startswith(STOP_TIME) and result.stopped_early and result.steps == 1
 
 
 def test_config_refuses_what_cannot_check():

@@ -66,6 +66,18 @@ def peft_folder(path: Path, layout, *, r=2, alpha=8.0, towers=("vision", "text")
     return path
 
 
+def test_a_lower_rank_peft_adapter_is_padded_and_the_import_says_so(tiny_build, tmp_path):
+    from offline.import_experts import read_peft
+
+    store = load_store(tiny_build.out)
+    folder = peft_folder(tmp_path / "rank-one", store.layout, r=1, alpha=2.0)
+    imported = read_peft(folder, store.layout, store.lora_config, None)
+    assert imported.notes == [f"rank-one: rank r=1 zero-padded to the store's rank {store.layout.rank} (ΔW is "
+                              "unchanged; the padded rank is empty, so this expert adds a rank-1 update)"]
+    assert read_peft(peft_folder(tmp_path / "rank-two", store.layout, r=2), store.layout, store.lora_config,
+                     None).notes == []
+
+
 def test_peft_adapter_imports_with_its_scale_converted_and_routes(store_copy, tmp_path, base):
     layout, lora = load_store(store_copy).layout, load_store(store_copy).lora_config
     folder = peft_folder(tmp_path / "violet-spiral", layout, r=2, alpha=8.0)

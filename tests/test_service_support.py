@@ -206,3 +206,35 @@ class Server:
         self._log.close()
         if self.redis_url == REDIS_URL:
             drop_prefix(self.prefix)
+
+
+@contextmanager
+def threaded_server(settings):
+    """This tree's app under real uvicorn, configured as `python -m app` configures it, in a thread of this
+    process: clients talk HTTP over real sockets while the test reaches into the app (gates an engine step on
+    an event, reads app.state). Yields (app, uvicorn server, base URL); stopped and its Redis keys removed after."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from app.__main__ import server_config
+    from app.main import create_app
+
+    app = create_app(settings)
+    port = free_port()
+    server = uvicorn.Server(server_config(app, settings, "127.0.0.1", port))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    try:
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the in-process server did not start")
+            time.sleep(0.05)
+        yield app, server, f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(60)
+        if settings.redis_url == REDIS_URL:
+            drop_prefix(settings.redis_prefix)

@@ -6,7 +6,7 @@ import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request, Security
-from fastapi.security import APIKeyHeader
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from app.core.config import Settings
 from app.core.errors import Forbidden, NotReady, Unauthorized
@@ -54,17 +54,27 @@ AdmissionDep = Annotated[Admission, Depends(get_admission)]
 
 
 # auto_error=False: the check below answers in the service's error envelope (and skips when no key is set).
+# Two documented ways to send the one key (OpenAPI: either scheme satisfies a route): the X-API-Key header, or
+# `Authorization: Bearer <key>` as OpenAI-style and Hugging Face clients send it.
 _API_KEY = APIKeyHeader(name="X-API-Key", scheme_name="ApiKey", auto_error=False,
                         description="required when the server sets SGLORA_API_KEY")
+_BEARER = HTTPBearer(scheme_name="BearerAuth", auto_error=False,
+                     description="the same key as `Authorization: Bearer <key>` (an alternative to X-API-Key)")
 
 
-async def require_api_key(settings: SettingsDep, x_api_key: Annotated[str | None, Security(_API_KEY)] = None) -> None:
+async def require_api_key(settings: SettingsDep, x_api_key: Annotated[str | None, Security(_API_KEY)] = None,
+                          bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)] = None) -> None:
     if settings.api_key is None:
         return
-    if x_api_key is None:
-        raise Unauthorized("missing X-API-Key header", "X-API-Key")
-    if not hmac.compare_digest(x_api_key.encode(), settings.api_key.get_secret_value().encode()):
-        raise Unauthorized("wrong API key", "X-API-Key")
+    expected = settings.api_key.get_secret_value().encode()
+    if x_api_key is not None:
+        if not hmac.compare_digest(x_api_key.encode(), expected):
+            raise Unauthorized("wrong API key", "X-API-Key")
+        return
+    if bearer is None:
+        raise Unauthorized("missing API key: send it as X-API-Key or Authorization: Bearer <key>", "X-API-Key")
+    if not hmac.compare_digest(bearer.credentials.encode(), expected):
+        raise Unauthorized("wrong API key", "Authorization")
 
 
 _ADMIN_KEY = APIKeyHeader(name="X-Admin-Key", scheme_name="AdminKey", auto_error=False,

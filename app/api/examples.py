@@ -7,19 +7,23 @@ and validates every response example against its response model, so an example c
 
 from __future__ import annotations
 
+from app.ml.aggregator import AggregationTrace
+
 # 8x8 PNGs (green, red), base64: small enough to read, real enough to decode.
 GREEN_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAFElEQVR4nGOUW2DDgA0wYRUdtBIAyEYBCqhSTKsAAAAASUVORK5CYII="
 RED_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAFElEQVR4nGM8oaHBgA0wYRUdtBIA4DgBKJ8lCQoAAAAASUVORK5CYII="
 ADAPTER_ID = "5f1c0e7b9a3d4c2e8f6a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c1d0e"
 
-TRACE = {
-    "expert_ids": ["green-ring", "green-triangle", "green-cross", "yellow-star"],
-    "descriptions": ["a photo of a green ring", "a photo of a green triangle", "a photo of a green cross",
-                     "a photo of a yellow star"],
-    "similarities": [0.9712, 0.9687, 0.9194, 0.8974],
-    "weights": [0.3948, 0.3750, 0.1399, 0.0902],
-    "max_similarity": 0.9712,
-}
+# Made by the class the service uses, so the example's per-expert reasons read exactly as served ones.
+TRACE = AggregationTrace(
+    expert_ids=["green-ring", "green-triangle", "green-cross", "yellow-star"],
+    descriptions=["a photo of a green ring", "a photo of a green triangle", "a photo of a green cross",
+                  "a photo of a yellow star"],
+    similarities=[0.9712, 0.9687, 0.9194, 0.8974],
+    weights=[0.3948, 0.3750, 0.1399, 0.0902],
+    predicted_gains=[9.81, 9.57, 8.52, 7.96],
+    routed_by="predicted_gain",
+).to_dict()
 
 GENERATE_REQUEST = {
     "minimal": {"summary": "just a description (server defaults)", "value": {"description": "a photo of a green star"}},
@@ -36,10 +40,12 @@ GENERATE_RESPONSE = {
                   "peft": f"http://127.0.0.1:8000/adapters/{ADAPTER_ID}?format=peft",
                   "open_clip-merged": f"http://127.0.0.1:8000/adapters/{ADAPTER_ID}?format=open_clip-merged"},
     "cache": "miss",
-    "strategy": "sglora",
+    "strategy": "transfer_routed",
+    "served": "transfer_routed",
     "trace": TRACE,
     "coverage": {"max_similarity": 0.9712, "threshold": 0.5, "warning": None},
-    "metadata": {"format": "sglora-adapter/1", "base_model": "tiny_clip", "strategy": "sglora",
+    "metadata": {"format": "sglora-adapter/1", "base_model": "tiny_clip", "strategy": "transfer_routed",
+                 "coverage": "0.9712", "gated": "",
                  "description": "a photo of a green star", "seed": "0", "k": "4", "tau": "0.05", "rank": "2",
                  "alpha": "4.0", "scaling": "standard", "scale": "2.0", "towers": '["vision", "text"]'},
 }

@@ -4,8 +4,8 @@ FastAPI documents the 200s and a 422 in its own `{"detail": ...}` shape. The ser
 envelope of `app.core.errors` with statuses that depend on what a route takes, so they are declared here by
 rule, for every route present when the document is built (routes added later inherit them):
 
-  every route outside /health     401 (API key, when configured), 503 (loading, overloaded, deadline, draining;
-                                  Retry-After), 500 (a bug)
+  every route outside /health     401 (API key: declared only when the server has one), 503 (loading,
+                                  overloaded, deadline, draining; Retry-After), 500 (a bug)
   a route with a request body     400 (malformed), 413 (over the body limit), 415 (content type), 422
   a route with query parameters   422
   a route with path parameters    404 (unknown id), 422
@@ -17,6 +17,8 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, Field
+
+from app.schemas import NO_NUL_NOT_BLANK
 
 
 class ErrorItem(BaseModel):
@@ -38,7 +40,8 @@ class ErrorEnvelope(BaseModel):
 
 _DESCRIPTIONS = {
     400: "the body is malformed (not JSON, bad Content-Length)",
-    401: "missing or wrong X-API-Key (only when the server sets SGLORA_API_KEY); X-Admin-Key on /admin routes",
+    401: "missing or wrong API key, sent as X-API-Key or Authorization: Bearer (only when the server sets "
+         "SGLORA_API_KEY); X-Admin-Key on /admin routes",
     403: "admin routes are switched off (the server has no SGLORA_ADMIN_KEY)",
     404: "unknown or expired id",
     409: "the store's new version cannot be served (corrupt, another base model); the served version stays",
@@ -51,7 +54,7 @@ _DESCRIPTIONS = {
 _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
 _REQUEST_ID = {"X-Request-ID": {"description": "the request's id (the client's, when it sent a tame one)",
                                 "schema": {"type": "string"}}}
-API_KEY_SCHEME = "ApiKey"
+API_KEY_SCHEMES = ("ApiKey", "BearerAuth")  # app.api.deps: the key as X-API-Key, or as Authorization: Bearer
 
 
 def _error(status: int) -> dict:
@@ -91,12 +94,13 @@ def _settings_bounds(app: FastAPI, schema: dict) -> None:
     """Limits that depend on settings (and k on the loaded library): static pydantic models cannot state them,
     but a client (and schemathesis) should see them, so a request that fits the document fits the server."""
     settings, engine = app.state.settings, app.state.engine
-    text = {"maxLength": settings.max_description_chars, "pattern": r"\S"}  # not blank
+    text = {"maxLength": settings.max_description_chars, "pattern": NO_NUL_NOT_BLANK}
     bounds = {
         "description": text,
         "num_samples": {"maximum": settings.max_num_samples},
         "images": {"maxItems": settings.max_images},
-        "texts": {"maxItems": settings.max_texts, "items": {"type": "string", "maxLength": settings.max_text_chars}},
+        "texts": {"maxItems": settings.max_texts, "items": {"type": "string", "maxLength": settings.max_text_chars,
+                                                             "pattern": NO_NUL_NOT_BLANK}},
     }
     if engine.ready:
         bounds["k"] = {"maximum": engine.library_size}
@@ -109,11 +113,34 @@ def _settings_bounds(app: FastAPI, schema: dict) -> None:
         for name, prop in model.get("properties", {}).items():
             if name in bounds:
                 _constrain(prop, **bounds[name])
+    for item in schema.get("paths", {}).values():  # ?q= takes a description: the same bounds
+        for op in item.values():
+            for param in op.get("parameters", []):
+                if param.get("in") == "query" and param.get("name") == "q":
+                    _constrain(param.get("schema", {}), minLength=1, **text)
+
+
+def _security_when_configured(app: FastAPI, schema: dict) -> None:
+    """The API key's schemes (X-API-Key, Bearer) are declared only when the server has a key: without one, no
+    route asks for it (and none answers 401), so the document must not say it does."""
+    if app.state.settings.api_key is not None:
+        return
+    for item in schema.get("paths", {}).values():
+        for op in item.values():
+            op["security"] = [s for s in op.get("security", []) if not set(s) & set(API_KEY_SCHEMES)]
+            if not op["security"]:
+                del op["security"]
+    components = schema.get("components", {})
+    for scheme in API_KEY_SCHEMES:
+        components.get("securitySchemes", {}).pop(scheme, None)
+    if not components.get("securitySchemes", True):
+        del components["securitySchemes"]
 
 
 def build_openapi(app: FastAPI) -> dict:
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     _settings_bounds(app, schema)
+    _security_when_configured(app, schema)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     components.update(ErrorEnvelope.model_json_schema(ref_template="#/components/schemas/{model}")
                       .pop("$defs", {}))

@@ -43,7 +43,11 @@ class Settings(BaseSettings):
     # --- cache -------------------------------------------------------------------------------------------
     redis_url: str | None = Field(None, description="redis://host:port/db; unset => bounded in-process LRU")
     redis_prefix: str = "sglora:"
-    redis_socket_timeout_s: float = Field(0.25, gt=0)
+    redis_socket_timeout_s: float = Field(
+        1.0, gt=0, description="a Redis reply later than this is an error (then backoff). It is measured on the "
+        "event loop, so it includes the loop's own queue: at 100+ connections that alone reaches a few hundred ms, "
+        "and a shorter timeout fails a Redis that answered in time"
+    )
     redis_connect_timeout_s: float = Field(0.25, gt=0)
     redis_backoff_s: float = Field(
         2.0, ge=0, description="after a Redis error, skip Redis for this long (requests go on as cache misses)"
@@ -57,6 +61,10 @@ class Settings(BaseSettings):
 
     # --- limits ------------------------------------------------------------------------------------------
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_body_bytes_in_flight: int | None = Field(
+        None, ge=1024, description="request body bytes held at once across all requests (declared Content-Length, "
+        "or streamed); a body that does not fit gets 503 before it is read. Unset: 2 x max_body_bytes"
+    )
     max_images: int = Field(64, ge=1)
     max_texts: int = Field(256, ge=1)
     max_text_chars: int = Field(1000, ge=1)
@@ -74,8 +82,9 @@ class Settings(BaseSettings):
 
     # --- load ---------------------------------------------------------------------------------------------
     max_concurrent_work: int = Field(2, ge=1, description="requests doing model work at once (threads)")
-    max_queued_work: int = Field(16, ge=0, description="requests that may wait for a slot; beyond: 503")
-    queue_wait_s: float = Field(5.0, ge=0, description="longest wait for a slot before a 503")
+    max_queued_work: int = Field(256, ge=0, description="requests that may wait for a slot; beyond: 503")
+    queue_wait_s: float = Field(5.0, ge=0, description="longest wait for a slot; a request whose expected wait "
+                                "(measured service time x its place in the queue) is longer gets a 503 at once")
     request_deadline_s: float = Field(30.0, gt=0, description="a request still running after this gets a 503")
     decode_workers: int = Field(2, ge=1, description="images decoded at once, across all requests")
     malloc_arenas: int = Field(2, ge=0, description="glibc malloc arenas (0: glibc's default of 8 per core)")
@@ -96,6 +105,9 @@ class Settings(BaseSettings):
         5.0, ge=0, description="after SIGTERM, keep serving this long with readiness 503 (python -m app)"
     )
     shutdown_grace_s: float = Field(30.0, ge=0, description="then wait this long for in-flight requests")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a connection must complete a request's headers within this (else 408, closed)"
+    )
 
     # --- playground --------------------------------------------------------------------------------------
     playground: bool = Field(True, description="serve the playground page (static files) at /playground/")
@@ -131,6 +143,17 @@ class Settings(BaseSettings):
             raise ValueError(f"no model store at {value} (manifest.json missing); build one with "
                              f"`python -m offline build --tiny --out {value}`")
         return value
+
+    @property
+    def body_budget_bytes(self) -> int:
+        return self.max_body_bytes_in_flight or 2 * self.max_body_bytes
+
+    @model_validator(mode="after")
+    def _one_body_fits_the_budget(self) -> Settings:
+        if self.body_budget_bytes < self.max_body_bytes:
+            raise ValueError(f"max_body_bytes_in_flight ({self.max_body_bytes_in_flight}) is below max_body_bytes "
+                             f"({self.max_body_bytes}): a body the limit allows could never be admitted")
+        return self
 
     @model_validator(mode="after")
     def _api_key_not_blank(self) -> Settings:

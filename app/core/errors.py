@@ -12,8 +12,9 @@ may report several); `field`/`message` repeat the first.
 Statuses: 400 malformed body, 401 API key, 403 admin routes switched off, 404 unknown route/adapter, 405 method,
 409 a store version that cannot be switched to, 413 body over the limit,
 415 image format / body content type, 422 invalid field values, 503 model not loaded yet / overloaded / past the
-request deadline / shutting down (with Retry-After), 500 only for bugs. A client that went away gets nothing
-(its connection is gone); metrics and the access log record it as 499, never as a 5xx.
+request deadline / out of accelerator memory / shutting down (with Retry-After), 500 only for bugs. A client
+that went away gets nothing (its connection is gone); metrics and the access log record it as 499, never as a
+5xx.
 """
 
 from __future__ import annotations
@@ -96,6 +97,13 @@ class Overloaded(ServiceError):
     retry_after_s = 1
 
 
+class OutOfMemory(ServiceError):
+    """The accelerator ran out of memory for this request: it is shed (its memory freed), the server goes on."""
+
+    code = "out_of_memory"
+    retry_after_s = 1
+
+
 class CacheUnavailable(ServiceError):
     """Redis cannot say whether an adapter id is stored (it is down): not a 404, which would be a lie."""
 
@@ -109,7 +117,8 @@ class DeadlineExceeded(ServiceError):
 
 
 class ClientGone(Exception):
-    """The client disconnected; its work is dropped before it starts. Nobody is left to answer."""
+    """The client disconnected; the rest of its work is dropped (at the next safe point). Nobody is left to
+    answer."""
 
 
 CLIENT_CLOSED = 499  # nginx's convention for "client closed the request": recorded, never sent
@@ -129,6 +138,7 @@ STATUS: dict[type[Exception], int] = {
     LayoutMismatchError: 422,  # an adapter that does not fit the served model
     NotReady: 503,
     Overloaded: 503,
+    OutOfMemory: 503,
     DeadlineExceeded: 503,
     CacheUnavailable: 503,
 }

@@ -1,4 +1,4 @@
-"""Giving memory back after a burst (glibc only; elsewhere these are no-ops).
+"""Giving memory back: after a burst (glibc's heap), and after an accelerator out-of-memory (torch's cache).
 
 Decoding a large image allocates tens of MB in one go; glibc keeps freed heap memory in per-thread arenas for
 reuse, so after a burst of big requests the process's resident size stays near its peak for ever. Two settings
@@ -36,3 +36,15 @@ def give_back() -> None:
     """Return free heap pages to the kernel (a few ms; call after a request that decoded many pixels)."""
     if _libc is not None:
         _libc.malloc_trim(0)
+
+
+def free_accelerator_memory() -> None:
+    """After a CUDA out-of-memory: drop the failed request's tensors (a collection) and hand the caching
+    allocator's free blocks back, so the requests that follow find the memory. A no-op without CUDA."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()

@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.core.errors import DeadlineExceeded, error_response
 from app.core.logging import access_logger
-from app.core.metrics import Metrics
+from app.core.metrics import Metrics, outcome
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # a client's id is echoed only when it is this tame
 
@@ -113,6 +113,7 @@ class RequestMiddleware:
             latency = time.perf_counter() - t0
             self.metrics.requests.labels(method, route, str(status)).inc()
             self.metrics.latency.labels(method, route).observe(latency)
+            self.metrics.http_server_requests.labels(method, route, str(status), outcome(status)).observe(latency)
             access_logger.info("request", method=method, path=scope.get("path"), route=route, status=status,
                                latency_ms=round(1000 * latency, 2))
 

@@ -137,30 +137,61 @@ class ExpertBank:
         return self.mu[rows_k], self.var[rows_k]
 
 
+# How a trace's experts were chosen: by the cosine of their description to the query, by the transfer router's
+# predicted gain, or all of them (a model soup). Each comes with the rule a client can show in one line.
+ROUTED_BY = {
+    "cosine": "the experts whose descriptions are nearest the description (cosine of CLIP text embeddings)",
+    "predicted_gain": "the experts the transfer router predicts help this description most (mR@1 points it "
+                      "learned from measured transfer between tasks), whatever their descriptions' cosine",
+    "all": "every expert of the library, equally weighted",
+}
+
+
+def _ranked(i: int, superlative: str) -> str:
+    """0 -> "nearest", 1 -> "2nd-nearest", 10 -> "11th-nearest"."""
+    n = i + 1
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return superlative if n == 1 else f"{n}{suffix}-{superlative}"
+
+
 @dataclass
 class AggregationTrace:
-    """Which experts made a prior, and how much each counted: returned to clients as provenance."""
+    """Which experts made a prior, how much each counted and why each was chosen: returned to clients."""
 
     expert_ids: list[str]
     descriptions: list[str]
     similarities: list[float]  # cosine(d*, d_k); empty when the prior was built without a query
     weights: list[float]  # α_k, sums to 1
     predicted_gains: list[float] | None = None  # transfer router: expected mR@1 gain of each expert (points)
+    routed_by: str = "cosine"  # a key of ROUTED_BY
 
-    @property
-    def max_similarity(self) -> float | None:
-        """Best cosine match: a low value means the library does not cover the task well (the
-        paper's main failure mode). None when no query was involved (e.g. a plain model soup)."""
-        return max(self.similarities) if self.similarities else None
+    def reasons(self) -> list[str]:
+        """Why each expert is in the trace, one line each, from the numbers the choice was made on."""
+        n = len(self.expert_ids)
+        cos = [f"cosine {s:.3f}" for s in self.similarities] if self.similarities else ["cosine not measured"] * n
+        if self.routed_by == "all":
+            return [f"every expert counts in a model soup (weight 1/{n}); {c}" for c in cos]
+        if self.routed_by == "predicted_gain" and self.predicted_gains is not None:
+            return [f"{_ranked(i, 'highest')} predicted gain in the library ({g:+.2f} mR@1 points), {c}; "
+                    f"weight {w:.3f} (softmax of gain/τ)" for i, (g, c, w) in
+                    enumerate(zip(self.predicted_gains, cos, self.weights, strict=True))]
+        equal = len(set(self.weights)) == 1
+        return [f"{_ranked(i, 'nearest')} description in the library ({c}); "
+                + (f"equal weight 1/{n}" if equal else f"weight {w:.3f} (softmax of cosine/τ)")
+                for i, (c, w) in enumerate(zip(cos, self.weights, strict=True))]
 
     def to_dict(self) -> dict:
+        gains = {} if self.predicted_gains is None else {"predicted_gains": [float(g) for g in self.predicted_gains]}
         return {
             "expert_ids": list(self.expert_ids),
             "descriptions": list(self.descriptions),
             "similarities": [float(s) for s in self.similarities],
+        } | gains | {
             "weights": [float(w) for w in self.weights],
-            "max_similarity": self.max_similarity,
-        } | ({} if self.predicted_gains is None else {"predicted_gains": [float(g) for g in self.predicted_gains]})
+            "reasons": self.reasons(),
+            "routed_by": self.routed_by,
+            "routing": ROUTED_BY[self.routed_by],
+        }
 
 
 @dataclass(eq=False)
@@ -211,6 +242,14 @@ def route(bank: ExpertBank, query: np.ndarray, k: int, exclude: Collection[str] 
     rows = [row for row, _ in kept]
     sims_k = np.array([sim for _, sim in kept], dtype=np.float32)
     return rows, sims_k
+
+
+def coverage(bank: ExpertBank, query: np.ndarray, exclude: Collection[str] = ()) -> float:
+    """How well the library covers a description: the best cosine between `query` [e] and any expert's
+    description embedding (leaving out `exclude`). THE definition: the confidence gate checks this number and
+    every answer reports it (X-Coverage, `coverage`), whatever the strategy routed to. Read through the routing
+    index: exact for a Flat index, the index's recall for an approximate one (app/ml/routing_index.py)."""
+    return float(route(bank, query, 1, exclude)[1][0])
 
 
 # The smallest temperature served: below ~5.6e-309, cos/τ overflows float64 and the weights turn NaN; far above
@@ -299,8 +338,8 @@ MergeFn = Callable[[torch.Tensor, torch.Tensor, np.ndarray], tuple[torch.Tensor,
 
 
 def merge_prior(bank: ExpertBank, rows: Sequence[int], alpha_k: np.ndarray, sims_k: np.ndarray | None,
-                merge: MergeFn | None = None,
-                predicted_gains_k: np.ndarray | None = None) -> SemanticPrior:
+                merge: MergeFn | None = None, predicted_gains_k: np.ndarray | None = None,
+                routed_by: str = "cosine") -> SemanticPrior:
     """The prior of routed experts `rows` with weights α. Default merge: factor space (law of total variance),
     chunked over large row sets; `merge` (e.g. ΔW space) gets the K routed rows at once."""
     rows = list(rows)
@@ -316,6 +355,7 @@ def merge_prior(bank: ExpertBank, rows: Sequence[int], alpha_k: np.ndarray, sims
         similarities=[] if sims_k is None else [float(s) for s in sims_k],
         weights=[float(a) for a in alpha_k],
         predicted_gains=None if predicted_gains_k is None else [float(g) for g in predicted_gains_k],
+        routed_by="predicted_gain" if predicted_gains_k is not None else routed_by,
     )
     return SemanticPrior(mu=mu_d, var=var_d, trace=trace)
 
@@ -347,10 +387,12 @@ def aggregate_experts(
     return merge_prior(bank, rows, softmax_weights(sims_k, tau), sims_k, merge)
 
 
-def uniform_prior(bank: ExpertBank, indices: Sequence[int], query: np.ndarray | None = None) -> SemanticPrior:
+def uniform_prior(bank: ExpertBank, indices: Sequence[int], query: np.ndarray | None = None,
+                  routed_by: str = "all") -> SemanticPrior:
     """Equal weights over the given bank rows: a model soup (all rows) or AdapterSoup (the routed
     top-K). Same variance formula with α uniform. Pass `query` to record cosine similarities in the
-    trace (so the coverage signal is still reported); without it they are left empty."""
+    trace (so the coverage signal is still reported); without it they are left empty. `routed_by`: how the
+    rows were chosen ("all" for a soup of the library, "cosine" for AdapterSoup's top-K)."""
     rows = [int(i) for i in indices]
     if not rows:
         raise ValueError("uniform_prior needs at least one expert index")
@@ -360,4 +402,4 @@ def uniform_prior(bank: ExpertBank, indices: Sequence[int], query: np.ndarray | 
     if query is not None:
         sims_k = bank.embeddings[rows].astype(np.float64) @ _query_row(bank, query)[0].astype(np.float64)
     alpha_k = np.full(len(rows), 1.0 / len(rows), dtype=np.float64)
-    return merge_prior(bank, rows, alpha_k, sims_k)
+    return merge_prior(bank, rows, alpha_k, sims_k, routed_by=routed_by)

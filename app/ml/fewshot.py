@@ -13,13 +13,16 @@ Methods (METHODS), each fitting CLIP's symmetric InfoNCE on the examples:
   weights   a few Adam steps on w, through the candidates' factors side by side (rank (C+1)·r: exactly Σ w_j ΔW_j,
             differentiable, no truncation while fitting; lora.per_sample_factors), same L1 term;
   factors   a few Adam steps on the description-only adapter's own factors (fine-tuning from it);
-  weights+factors  `weights` until the check loss stops improving, then `factors` from the best merge.
+  weights+factors  `weights` until the check loss stops improving, then `factors` from the best merge;
+  select    the one adapter of [description-only, candidates] with the lowest loss on every example, if it also
+            checks better than the description-only one (a discrete choice: no freedom to overfit weights).
 
 Refusing to overfit: the examples are split into a fit half and a check half (seeded). After every step the adapter
 that would be served is scored on the check half; the best so far is kept (the start included, so refinement never
 serves something that checks worse than the description-only adapter), and fitting stops after `patience` steps
-without a better check loss, at `max_steps`, or when `time_budget_s` is spent. Fewer than `min_examples` examples
-leave too few to check on: the start is returned unchanged, and the reason says so.
+without a better check loss, at `max_steps`, or when `time_budget_s` is spent. The best is served only if it lowers
+the check loss by at least `min_improvement` (30 %) of the description-only adapter's; else the latter is. Fewer
+than `min_examples` examples leave too few to check on: the start is returned unchanged, and the reason says so.
 
 Pure torch (plus `cma`): the service and the offline evaluation call the same `refine`.
 """
@@ -38,13 +41,14 @@ from app.ml.delta_merge import merge_delta_mean
 from app.ml.lora import LoRALayout, per_sample_factors, per_sample_lora, vectors_to_factors
 from app.ml.retrieval import contrastive_loss
 
-METHODS = ("lorahub", "weights", "factors", "weights+factors")
+METHODS = ("select", "lorahub", "weights", "factors", "weights+factors")
 DEFAULT_METHOD = "weights"  # chosen by held-out retrieval on seen tasks (docs/method.md, "Few-shot refinement")
 
 STOP_CHECK = "check loss stopped improving"
 STOP_TIME = "time budget spent"
 STOP_STEPS = "max_steps reached"
 STOP_FEW = "too few examples to hold any out for checking"
+STOP_SMALL = "the check loss fell by less than min_improvement: the description-only adapter is served"
 
 
 @dataclass(frozen=True)
@@ -55,12 +59,16 @@ class FewShotConfig:
     patience: int = 6  # steps without a better check loss before stopping
     min_examples: int = 4  # the least that splits into a fit and a check half of two pairs each
     time_budget_s: float = 30.0
-    lr_weights: float = 0.1
+    lr_weights: float = 0.02  # 0.1 moved too far from the description-only adapter on seen tasks
     lr_factors: float = 1e-2
     l1: float = 0.05  # LoraHub's L1 weight on the candidates' merge weights
     sigma: float = 0.3  # lorahub: CMA-ES initial step size
     bound: float = 1.5  # lorahub: weights searched in [-bound, bound] (LoraHub's range)
     seed: int = 0  # the fit/check split and CMA-ES's sampling
+    # The refined adapter is served only if it lowers the check loss by at least this fraction of the description-
+    # only adapter's; else the description-only adapter is (a few check pairs make small improvements noise).
+    # 0.3: chosen on seen tasks (docs/method.md); smaller drops of the check loss retrieved worse more often.
+    min_improvement: float = 0.3
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -245,7 +253,25 @@ def _fit_weights_then_factors(obj: _Objective, fit: Examples, stop: _EarlyStop, 
         _fit_factors(obj, fit, stop, config, start=stop.best_vector)
 
 
-_FITS = {"lorahub": _fit_lorahub, "weights": _fit_weights, "factors": _fit_factors,
+def _fit_select(obj: _Objective, fit: Examples, stop: _EarlyStop, config: FewShotConfig) -> None:
+    """The one adapter of [description-only, candidates] with the lowest loss on every example, served only if it
+    also checks better than the description-only adapter: a discrete choice, which a handful of examples can make
+    without the freedom to overfit that continuous weights have. A step is one candidate scored."""
+    everything = Examples(torch.cat([fit.pixels, stop.check.pixels]), torch.cat([fit.tokens, stop.check.tokens]))
+    losses = []
+    with torch.no_grad():
+        for j in range(len(obj.stack)):
+            losses.append(float(obj.of_vector(obj.stack[j], everything)))
+            stop.steps += 1
+    best = int(np.argmin(losses))
+    stop.steps -= 1  # offer() counts the step that scores the chosen one on the check half
+    weights = _start_weights(len(obj.stack), "cpu")
+    weights[0], weights[best] = 0.0, 1.0
+    stop.offer(obj.stack[best], weights)
+    stop.reason = stop.reason or STOP_STEPS
+
+
+_FITS = {"select": _fit_select, "lorahub": _fit_lorahub, "weights": _fit_weights, "factors": _fit_factors,
          "weights+factors": _fit_weights_then_factors}
 
 
@@ -269,10 +295,14 @@ def refine(backbone: Backbone, layout: LoRALayout, scale: float, start_d: torch.
     stop = _EarlyStop(obj, check, start, config, t0, clock)
     _FITS[config.method](obj, fit, stop, config)
     best = stop.best_vector
+    reason = stop.reason
+    if best is not start and stop.best_loss > stop.start_loss * (1 - config.min_improvement):
+        best, stop.best_loss, stop.best_weights = start, stop.start_loss, None
+        reason = f"{reason}; {STOP_SMALL} ({100 * config.min_improvement:g} %)"
     with torch.no_grad():
         before, after = float(obj.of_vector(start, examples)), float(obj.of_vector(best, examples))
     return Refinement(best.float().cpu(), config.method, len(examples), stop.steps, clock() - t0,
-                      stop.reason != STOP_STEPS, stop.reason, before, after, stop.start_loss, stop.best_loss,
+                      stop.reason != STOP_STEPS, reason, before, after, stop.start_loss, stop.best_loss,
                       stop.best_weights, ids)
 
 

@@ -46,8 +46,9 @@ class Gate:
             return (f"the description is far from every expert in the library (best cosine {coverage:.3f} < "
                     f"{self.min_coverage:.3f}, the least any validated task had)")
         if best_gain is not None and best_gain <= self.min_predicted_gain:
+            covered = "" if coverage is None else f"; best cosine {coverage:.3f}"
             return (f"no expert is predicted to help this task (best predicted gain {best_gain:+.2f} mR@1 points "
-                    f"<= {self.min_predicted_gain:+.2f})")
+                    f"<= {self.min_predicted_gain:+.2f}{covered})")
         return None
 
 

@@ -29,6 +29,7 @@ from app.ml.aggregator import (
     AggregationTrace,
     SemanticPrior,
     aggregate_experts,
+    coverage,
     merge_prior,
     route,
     route_by_gain_index,
@@ -48,6 +49,7 @@ class Generation:
     vectors: torch.Tensor  # [num_samples, D]
     trace: AggregationTrace | None
     gated: str | None = None  # the gate's reason when it replaced the strategy's adapter by zero-shot
+    coverage: float | None = None  # aggregator.coverage of the request's description: set for every strategy
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,7 @@ def _model_soup(store: Store, req: GenerationRequest) -> Generation:
 
 def _adapter_soup(store: Store, req: GenerationRequest) -> Generation:
     rows, _ = route(store.bank, req.query, resolved_params(store, "adapter_soup", req)[0], exclude=req.exclude)
-    prior = uniform_prior(store.bank, rows, query=req.query)
+    prior = uniform_prior(store.bank, rows, query=req.query, routed_by="cosine")
     return Generation("adapter_soup", _repeat(prior, req.num_samples), prior.trace)
 
 
@@ -199,18 +201,21 @@ def default_strategy(store: Store) -> str:
     return DEFAULT_STRATEGY if store.cvae is not None else "topk_weighted"
 
 
-def gate_reason(store: Store, query: np.ndarray, exclude: Collection[str] = ()) -> str | None:
-    """Why the store's gate would not trust an adapter for `query` (None: it would, or the store has no gate)."""
+def gate_reason(store: Store, query: np.ndarray, exclude: Collection[str] = (),
+                coverage_: float | None = None) -> str | None:
+    """Why the store's gate would not trust an adapter for `query` (None: it would, or the store has no gate).
+    `coverage_`: the query's aggregator.coverage when the caller has it (the gate quotes that very number)."""
     routing = store.routing
     if routing is None or routing.gate is None:
         return None
-    # The best expert by cosine and by predicted gain: two index searches for one row each, not E products.
-    _, coverage_1 = route(store.bank, query, 1, exclude)
+    if coverage_ is None:
+        coverage_ = coverage(store.bank, query, exclude)
+    # The best expert by predicted gain: an index search for one row, not E products.
     gain_index = routing.gain_index(store.bank.embeddings)
     best_gain = None
     if gain_index is not None:
         best_gain = float(route_by_gain_index(store.bank, gain_index, query, 1, exclude)[1][0])
-    return routing.gate.check(float(coverage_1[0]), best_gain, routing.domain_distance(query))
+    return routing.gate.check(coverage_, best_gain, routing.domain_distance(query))
 
 
 def routed_rows(store: Store, strategy: str, req: GenerationRequest, n: int) -> list[int]:
@@ -232,8 +237,9 @@ def generate_adapters(store: Store, strategy: str, request: GenerationRequest) -
     if request.num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {request.num_samples}")
     generation = STRATEGIES[strategy](store, request)
+    generation.coverage = coverage(store.bank, request.query, request.exclude)
     if strategy != "zero_shot" and request.gate:
-        reason = gate_reason(store, request.query, request.exclude)
+        reason = gate_reason(store, request.query, request.exclude, generation.coverage)
         if reason is not None:
             generation.vectors = torch.zeros_like(generation.vectors)
             generation.gated = reason

@@ -66,15 +66,25 @@ class AdapterService:
     async def _generate_files(self, params: GenerationParams, slot: Slot | None,
                               disconnected: Callable[[], Awaitable[bool]] | None, store: Store) -> list[AdapterFile]:
         """The model work of a miss, in the caller's admission slot or (a cache hit needs none) one of its own."""
+        query = None
+        if self.batcher is not None and slot is None:
+            # The routing embedding joins the next text micro-batch, which takes a slot of its own: never while
+            # holding the caller's slot (with every slot held that way, the batch could never run).
+            query = (await self.batcher.encode("text", [params.description], None))[0].cpu().numpy()
         if slot is None:
             async with self.admission.slot(disconnected) as own:
-                return await self._generate_files(params, own, None, store)
+                return await self._generate_steps(params, own, store, query)
+        return await self._generate_steps(params, slot, store, query)
+
+    async def _generate_steps(self, params: GenerationParams, slot: Slot, store: Store, query) -> list[AdapterFile]:
+        """The few-shot examples' decoding (a miss only), the routing embedding (unless batched), then the
+        generation: separate steps, so that a client gone during one is noticed before the next starts (every
+        Slot.run is a safe point)."""
         examples = None
         if params.fewshot is not None:  # decoded on a miss only, one image at a time in the decode pool
             examples = await slot.run(decode_examples, self.engine, params.fewshot, decode=True)
-        query = None
-        if self.batcher is not None:  # the routing embedding joins the next text micro-batch
-            query = (await self.batcher.encode("text", [params.description], None))[0].cpu().numpy()
+        if query is None:
+            query = await slot.run(self.engine.describe, params.description)
         return await slot.run(generate_files, self.engine, params, query, store, examples)
 
     async def generate(self, params: GenerationParams, slot: Slot | None = None,
@@ -136,7 +146,8 @@ class AdapterService:
             # Not echoed: it can be of any length and any content.
             raise NotFound("unknown adapter_id: ids are 64 lowercase hex digits", "adapter_id")
         data = await self.cache.get_durably(ADAPTER, adapter_id)
-        if data is None or adapter_id_of(data) != adapter_id:  # absent, expired, evicted, or damaged in storage
+        # Hashing a file is CPU work that scales with its size: off the event loop.
+        if data is None or await asyncio.to_thread(adapter_id_of, data) != adapter_id:  # absent, expired, damaged
             raise NotFound(f"unknown or expired adapter_id {adapter_id}; generate it again with /generate-lora",
                            "adapter_id")
         return data

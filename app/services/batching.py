@@ -6,23 +6,25 @@ waiting request go through the model in one forward, each sample with its own re
 bank: `app.ml.lora.per_sample_lora`; requests without an adapter get a zero row, which is the base model
 exactly). Each request gets back its own rows. The queue is bounded (`max_queue` samples): beyond it, a 503.
 
-One forward runs at a time (its own thread): batching is how concurrent requests share the model here, and
-a forward already uses every intra-op thread torch has. Equal to unbatched up to float rounding: a sample's
-result does not depend on the others in its batch, except through how the BLAS kernel blocks the matrices
-(tests/test_serving_load.py checks the rankings match and scores agree to 1e-5).
+A batch is one unit of admission (`Admission.unit`): its forward takes one model-work slot, however many
+requests it serves, and requests do not hold their own slot while they wait for a batch, so a batch can grow
+past the slot limit; the batcher's queue (`max_queue` samples) bounds what waits.
+
+Equal to unbatched up to float rounding: a sample's result does not depend on the others in its batch, except
+through how the BLAS kernel blocks the matrices (tests/test_batching.py checks the rankings match and scores
+agree to 1e-5).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
 from app.core.errors import Overloaded
 from app.core.metrics import Metrics
+from app.services.admission import Admission
 from app.services.engine import Engine
 
 TOWERS = ("text", "image")
@@ -39,12 +41,12 @@ class _Job:
 
 
 class MicroBatcher:
-    def __init__(self, engine: Engine, window_s: float, max_items: int, max_queue: int, metrics: Metrics):
+    def __init__(self, engine: Engine, window_s: float, max_items: int, max_queue: int, metrics: Metrics,
+                 admission: Admission):
         self.engine, self.window_s, self.max_items, self.max_queue = engine, window_s, max_items, max_queue
-        self.metrics = metrics
+        self.metrics, self.admission = metrics, admission
         self._queues: dict[str, list[_Job]] = {t: [] for t in TOWERS}
         self._flushers: dict[str, asyncio.Task] = {}
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sglora-batch")
 
     @property
     def queued(self) -> int:
@@ -78,8 +80,8 @@ class MicroBatcher:
                 continue
             self.metrics.batch_size.observe(size)
             try:
-                outputs = await asyncio.get_running_loop().run_in_executor(
-                    self._pool, contextvars.copy_context().run, self._forward, tower, jobs)
+                async with self.admission.unit() as slot:  # the whole batch: one unit of model work
+                    outputs = await slot.run(self._forward, tower, jobs)
             except Exception as e:
                 for job in jobs:
                     if not job.future.done():
@@ -119,4 +121,3 @@ class MicroBatcher:
     def close(self) -> None:
         for task in self._flushers.values():
             task.cancel()
-        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -44,7 +44,8 @@ from app.core.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1  # bump when the value format changes: old entries then simply stop matching
+# Bump when the value format changes: old entries then simply stop matching. 2: files record coverage and reasons.
+CACHE_FORMAT = 2
 GEN, ADAPTER = "gen", "adapter"
 DURABLE_RETRIES = 2  # extra attempts for an id write, each on a fresh connection
 T = TypeVar("T")
@@ -266,10 +267,11 @@ class Cache:
 
     async def _produce_once_across_replicas(self, key: str, produce: Callable[[], Awaitable[tuple[bytes, T]]],
                                             load: Callable[[bytes], Awaitable[T | None]]) -> tuple[T, str]:
-        """A miss in this process: produce under the key's shared lock. A replica that had to wait for the lock
-        reads the cache again first; the holder stored its value before releasing, so that is a hit."""
-        async with self._shared_lock(key) as waited:
-            if waited:
+        """A miss in this process: produce under the key's shared lock, after reading the cache again. The holder
+        stores its value before releasing, so a replica that waited finds it there; so does one that did not wait
+        but whose first read came just before the holder's write and whose lock came just after its release."""
+        async with self._shared_lock(key) as another_may_have_stored:
+            if another_may_have_stored:
                 value = await self.get(GEN, key)
                 item = await load(value) if value is not None else None
                 if item is not None:
@@ -282,8 +284,9 @@ class Cache:
 
     @asynccontextmanager
     async def _shared_lock(self, key: str) -> AsyncIterator[bool]:
-        """Hold `lock:gen:<key>` on the backend, if it has one and answers; yields whether another holder was
-        waited for. Never fails a request: a backend error or a lock held past its expiry means going on without."""
+        """Hold `lock:gen:<key>` on the backend, if it has one and answers; yields whether another process may have
+        stored the key since it was read (a lock was taken or waited for). Never fails a request: a backend error
+        or a lock held past its expiry means going on without."""
         lock = None if self.degraded else self.backend.lock(f"lock:{GEN}:{key}", self.lock_ttl_s)
         waited = False
         if lock is not None:
@@ -302,7 +305,7 @@ class Cache:
                 self._failed("lock", e)
                 lock = None
         try:
-            yield waited
+            yield waited or lock is not None
         finally:
             if lock is not None:
                 await self._release(lock, key)

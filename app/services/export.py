@@ -8,6 +8,7 @@ Names and scaling of the PEFT folder come from `app.ml.hf_clip` (the one owner o
 from __future__ import annotations
 
 import io
+import json
 import zipfile
 from dataclasses import dataclass
 from typing import Literal
@@ -15,6 +16,7 @@ from typing import Literal
 from app.ml.canonical import canonical_safetensors
 from app.ml.hf_clip import hf_base_model_name, peft_adapter_files
 from app.ml.lora import merged_state_dict
+from app.ml.store import BASE_WEIGHTS_FILE, Store
 from app.services.engine import Engine
 from app.services.generator import AdapterFile
 
@@ -25,18 +27,57 @@ _ZIP_TIME = (2020, 1, 1, 0, 0, 0)  # fixed member timestamps: one adapter, one z
 
 _PEFT_README = """# sglora adapter {adapter_id} as a PEFT LoRA for Hugging Face CLIPModel
 
-Base model: {base} (open_clip `{model}`, weights {weights_id}).
+Base model: open_clip `{model}`, weights {weights_id}.
 Task description: {description!r}; strategy {strategy}, seed {seed}.
+Targets: q_proj/k_proj/v_proj of {towers}; r={rank}, lora_alpha={alpha}, use_rslora={rslora}.
+
+## On the Hugging Face Hub base
+
+{hub}
+
+## On the store's own base weights, converted to a CLIPModel
+
+Works for any store (needs the sglora package with its `hf` extra: `pip install -e '.[hf]'`, and the weights
+{weights_hint}):
 
 ```python
+import open_clip
+from peft import PeftModel
+
+from app.ml.backbone import load_backbone
+from app.ml.hf_clip import to_hf_clip_model
+
+open_clip_model = load_backbone("{model}", {pretrained}, device="cpu").model
+base = to_hf_clip_model(open_clip_model, open_clip.get_model_config("{model}"))
+model = PeftModel.from_pretrained(base, "<this folder>")
+```
+"""
+_HUB_CODE = """```python
 from peft import PeftModel
 from transformers import CLIPModel
 
-base = CLIPModel.from_pretrained("{base}")   # or app.ml.hf_clip.to_hf_clip_model(open_clip_model, cfg)
+base = CLIPModel.from_pretrained("{base}")
 model = PeftModel.from_pretrained(base, "<this folder>")
-```
-Targets: q_proj/k_proj/v_proj of {towers}; r={rank}, lora_alpha={alpha}, use_rslora={rslora}.
-"""
+```"""
+_NO_HUB = ("No Hugging Face checkpoint holds these base weights (`base_model_name_or_path` is null), so "
+           "`CLIPModel.from_pretrained` cannot load the base: convert the store's weights as below.")
+
+
+def peft_readme(adapter: AdapterFile, store: Store, base_hf_name: str | None) -> str:
+    """The README.md of the PEFT folder: code that loads it, on the hub base (when one exists) and on the store's
+    weights converted (always). `<this folder>` (and `<store>` for bundled weights) are the user's paths."""
+    meta, lora = adapter.metadata, store.lora_config
+    pretrained = store.base_model.get("pretrained")
+    bundled = pretrained == BASE_WEIGHTS_FILE
+    return _PEFT_README.format(
+        adapter_id=adapter.adapter_id, model=store.base_model["name"], weights_id=meta.get("weights_id"),
+        description=meta.get("description"), strategy=meta.get("strategy"), seed=meta.get("seed"),
+        towers=" and ".join(lora.towers), rank=lora.rank, alpha=lora.alpha, rslora=lora.scaling == "rslora",
+        hub=_HUB_CODE.format(base=base_hf_name) if base_hf_name else _NO_HUB,
+        pretrained=f'"<store>/{BASE_WEIGHTS_FILE}"' if bundled else json.dumps(pretrained),
+        weights_hint=(f"file `{BASE_WEIGHTS_FILE}` of the sglora store that served this adapter (`<store>`)"
+                      if bundled else f"open_clip tag {pretrained!r}, downloaded by open_clip"),
+    )
 
 
 @dataclass(frozen=True)
@@ -58,17 +99,11 @@ def export_adapter(engine: Engine, adapter: AdapterFile, fmt: str) -> Export:
 
 
 def peft_zip(engine: Engine, adapter: AdapterFile) -> bytes:
-    store, meta = engine.store, adapter.metadata
+    store = engine.store
     base = hf_base_model_name(store.base_model["name"], store.base_model.get("pretrained"))
     files = peft_adapter_files(engine.layout, store.lora_config, adapter.vector, base,
                                metadata={"sglora_adapter_id": adapter.adapter_id})
-    lora = store.lora_config
-    files["README.md"] = _PEFT_README.format(
-        adapter_id=adapter.adapter_id, model=store.base_model["name"], weights_id=meta.get("weights_id"),
-        base=base or "a CLIPModel converted from the store's weights (no Hugging Face checkpoint holds them)",
-        description=meta.get("description"), strategy=meta.get("strategy"), seed=meta.get("seed"),
-        towers=" and ".join(lora.towers), rank=lora.rank, alpha=lora.alpha, rslora=lora.scaling == "rslora",
-    ).encode()
+    files["README.md"] = peft_readme(adapter, store, base).encode()
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
         for name in sorted(files):

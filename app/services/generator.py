@@ -8,8 +8,10 @@ entries, e.g. ``visual.transformer.resblocks.0.attn.q_proj.lora_A.weight`` [r, d
 update to the fused ``in_proj_weight`` rows of projection p is ΔW_p = scale · B_p A_p, with ``scale`` in the
 metadata. Metadata (all strings): format, base_model, base_pretrained, weights_id, layout_hash, store_version,
 strategy, description, seed, k, tau, num_samples, sample_index, rank, alpha, scaling, scale, towers (JSON),
-trace (JSON: expert_ids, descriptions, similarities, weights, max_similarity; "null" for zero_shot) and, on
-sample 0 of a multi-sample request, sample_adapter_ids (JSON list of the other samples' ids).
+coverage (the description's best cosine to any library expert, app.ml.aggregator.coverage), gated (the gate's
+reason, empty when it did not fire), trace (JSON: expert_ids, descriptions, similarities, weights, reasons, ...;
+"null" for zero_shot and for a gated adapter, whose experts were not applied) and, on sample 0 of a multi-sample
+request, sample_adapter_ids (JSON list of the other samples' ids).
 
 The bytes are canonical (header keys sorted), so one adapter always has one byte string, and its
 ``adapter_id`` is the sha256 of the file: ``sha256sum <id>.safetensors`` verifies a download.
@@ -140,9 +142,16 @@ class AdapterFile:
         return json.loads(self.metadata["refinement"]) if "refinement" in self.metadata else None
 
     @property
-    def max_similarity(self) -> float | None:
-        trace = self.trace
-        return None if trace is None else trace.get("max_similarity")
+    def coverage(self) -> float | None:
+        """The description's best cosine to any library expert (None: a file made before it was recorded)."""
+        value = self.metadata.get("coverage")
+        return float(value) if value else None
+
+    @property
+    def served(self) -> str:
+        """Whose adapter this is: the strategy's (refined on examples or not), or zero_shot when the gate fell
+        back and no examples refined it."""
+        return "zero_shot" if self.gated and self.refinement is None else self.metadata.get("strategy", "")
 
     @property
     def adapter_ids(self) -> list[str]:
@@ -178,7 +187,10 @@ def build_files(engine: Engine, params: GenerationParams, generation: Generation
     (never the data) and what the refinement did."""
     store, layout = store if store is not None else engine.store, engine.layout
     lora = store.lora_config
-    trace = generation.trace.to_dict() if generation.trace is not None else None
+    # A gated adapter is the zero adapter: its routed experts were not applied, so no weights are recorded (unless
+    # examples refined it: the refinement starts from the routed candidates).
+    applied = not generation.gated or refinement is not None
+    trace = generation.trace.to_dict() if generation.trace is not None and applied else None
     common = {
         "format": ADAPTER_FORMAT,
         "base_model": store.base_model["name"],
@@ -199,6 +211,7 @@ def build_files(engine: Engine, params: GenerationParams, generation: Generation
         "towers": json.dumps(list(lora.towers)),
         "trace": json.dumps(trace),
         "gated": generation.gated or "",
+        "coverage": "" if generation.coverage is None else repr(generation.coverage),
     }
     if refinement is not None:
         common |= {"examples": str(params.fewshot.count), "examples_sha256": params.fewshot.sha256,

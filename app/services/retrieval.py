@@ -2,7 +2,8 @@
 
 Cost per request is bounded before it is paid:
   * the whole request runs in one admission slot (`app.services.admission`): parsing the body and base64
-    (`read`, given by the route) happens there too, off the event loop;
+    (`read`, given by the route) happens there too, off the event loop; with micro-batching the encodings run
+    in the batch's slot instead (a batch is one unit of work), after this request has given its own back;
   * every image's header is read first (`Image.open` reads no pixels), so a format, a per-image pixel cap or the
     per-request pixel budget (`max_request_pixels`) is refused before any pixel is decoded;
   * images are then decoded one at a time in the bounded decode pool, shrunk early to about twice the model's
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from app.core.errors import InvalidInput, UnsupportedMedia
+from app.core.errors import ClientGone, InvalidInput, UnsupportedMedia
 from app.core.memory import give_back
 from app.core.metrics import Metrics
 from app.services.admission import Admission, Slot
@@ -37,6 +38,7 @@ if TYPE_CHECKING:  # annotations only: app.services.fewshot (imported by adapter
     from app.services.fewshot import FewShotRequest
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
+IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp")  # the same formats, as the API documents them
 TRIM_AFTER_PIXELS = 16 * 1024 * 1024  # a request that decoded more hands free heap pages back (app.core.memory)
 
 
@@ -181,14 +183,13 @@ async def choose_adapter(inp: RetrievalInput, params, adapters: AdapterService, 
     return AdapterChoice("zero_shot")
 
 
-async def rank(slot: Slot, engine: Engine, batcher: MicroBatcher | None, adapter: torch.Tensor | None,
-               pixels: torch.Tensor, texts: list[str], top_k: int) -> Ranking:
-    """Embed and rank, alone (one forward per tower in this request's slot) or micro-batched with others."""
-    if batcher is None:
-        return await slot.run(engine.retrieve, adapter, pixels, texts, top_k)
+async def rank_batched(engine: Engine, batcher: MicroBatcher, adapter: torch.Tensor | None, pixels: torch.Tensor,
+                       texts: list[str], top_k: int) -> Ranking:
+    """Embed micro-batched with other requests (the batch holds the model-work slot, not this request), then
+    rank (a small matrix product and sorts, off the event loop)."""
     image_emb, text_emb = await asyncio.gather(batcher.encode("image", pixels, adapter),
                                                batcher.encode("text", texts, adapter))
-    return await slot.run(engine.rank, image_emb, text_emb, top_k)
+    return await asyncio.to_thread(engine.rank, image_emb, text_emb, top_k)
 
 
 async def retrieve(read: Callable[[], RetrievalInput], engine: Engine, adapters: AdapterService,
@@ -212,10 +213,16 @@ async def retrieve(read: Callable[[], RetrievalInput], engine: Engine, adapters:
         choice = await choose_adapter(inp, params, adapters, slot)
         top_k = inp.top_k or max(len(pixels), len(inp.texts))
         vector = choice.adapter.vector if choice.adapter is not None else None
-        t0 = time.perf_counter()
-        ranking = await rank(slot, engine, adapters.batcher, vector, pixels, list(inp.texts), top_k)
-        metrics.retrieval_seconds.labels(choice.source).observe(time.perf_counter() - t0)
         if decoded > TRIM_AFTER_PIXELS:
             await slot.run(give_back, decode=True)
+        t0 = time.perf_counter()
+        if adapters.batcher is None:  # one forward per tower, in this request's slot
+            ranking = await slot.run(engine.retrieve, vector, pixels, list(inp.texts), top_k)
+    if adapters.batcher is not None:  # the slot is given back: the batch will hold one for all its requests
+        if disconnected is not None and await disconnected():
+            metrics.work_cancelled.labels("encode").inc()
+            raise ClientGone()
+        ranking = await rank_batched(engine, adapters.batcher, vector, pixels, list(inp.texts), top_k)
+    metrics.retrieval_seconds.labels(choice.source).observe(time.perf_counter() - t0)
     version = choice.adapter.metadata.get("store_version", served_version) if choice.adapter else served_version
     return Retrieval(choice, ranking, version)

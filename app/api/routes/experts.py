@@ -25,8 +25,10 @@ async def experts(
     limit: Annotated[int, Query(ge=1, le=1000, description="page size; with q, how many nearest experts")] = 100,
 ) -> ExpertsResponse:
     """The library, a page at a time, or (with q) the experts nearest a description."""
-    if q is not None and not 0 < len(q.strip()) <= settings.max_description_chars:
-        raise InvalidInput(f"q must be 1 to {settings.max_description_chars} characters", "q")
+    if q is not None and (not q.strip() or len(q) > settings.max_description_chars):
+        raise InvalidInput(f"q must be 1 to {settings.max_description_chars} characters, not all blank", "q")
+    if q is not None and "\x00" in q:
+        raise InvalidInput("q contains a NUL character", "q")
     async with admission.slot(request.is_disconnected) as slot:  # ?q= runs the text encoder: admitted model work
         page = await slot.run(engine.experts_page, offset, limit, q)
     return ExpertsResponse(**page)

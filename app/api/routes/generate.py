@@ -35,7 +35,7 @@ def wants_json(request: Request) -> bool:
 
 
 def coverage_of(adapter: AdapterFile, threshold: float) -> Coverage:
-    sim = adapter.max_similarity
+    sim = adapter.coverage
     warning = None
     if adapter.gated:
         warning = f"served zero-shot (no adapter): {adapter.gated}; send \"gate\": false for the routed adapter"
@@ -78,8 +78,9 @@ async def adapter_response(request: Request, adapters: AdapterService, settings,
         body = GenerateResponse(adapter_id=adapter.adapter_id, adapter_ids=adapter.adapter_ids,
                                 downloadable=downloadable, download_url=url,
                                 downloads=download_urls(url) if url else {}, cache=cache or "hit",
-                                strategy=adapter.metadata["strategy"], trace=adapter.trace, coverage=coverage,
-                                gated=adapter.gated, refinement=adapter.refinement, metadata=adapter.metadata)
+                                strategy=adapter.metadata["strategy"], served=adapter.served, trace=adapter.trace,
+                                coverage=coverage, gated=adapter.gated, refinement=adapter.refinement,
+                                metadata=adapter.metadata)
         del headers["Content-Disposition"]
         return Response(body.model_dump_json(), media_type="application/json", headers=headers)
     export = await adapters.export(adapter, fmt, request.is_disconnected)

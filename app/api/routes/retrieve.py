@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from fastapi import APIRouter, Request
+from fastapi.responses import Response
 from starlette.datastructures import UploadFile
 
 from app.api.deps import AdaptersDep, AdmissionDep, EngineDep, MetricsDep, SettingsDep
 from app.core.errors import InvalidInput, UnsupportedMedia
 from app.schemas import AdapterUsed, ImageRanking, Ranked, RetrieveJSON, RetrieveOptions, RetrieveResponse, TextRanking
 from app.services.fewshot import FewShotRequest, RawExample, check_count, fewshot_request, from_base64
-from app.services.retrieval import Retrieval, RetrievalInput, decode_base64, retrieve
+from app.services.retrieval import IMAGE_MEDIA_TYPES, Retrieval, RetrievalInput, decode_base64, retrieve
 
 router = APIRouter(tags=["retrieval"])
 
@@ -19,7 +21,8 @@ _MULTIPART_SCHEMA = {
     "type": "object",
     "required": ["images", "texts"],
     "properties": {
-        "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
+        "images": {"type": "array", "items": {"type": "string", "format": "binary"},
+                   "description": "image files: JPEG, PNG or WebP (another format is a 415)"},
         "texts": {"type": "array", "items": {"type": "string"}},
         "example_images": {"type": "array", "items": {"type": "string", "format": "binary"},
                            "description": "few-shot examples' images, paired in order with example_captions"},
@@ -31,7 +34,9 @@ _MULTIPART_SCHEMA = {
 }
 _OPENAPI = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": RetrieveJSON.model_json_schema()},
-    "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
+    "multipart/form-data": {"schema": _MULTIPART_SCHEMA,
+                            "encoding": {name: {"contentType": ", ".join(IMAGE_MEDIA_TYPES)}
+                                         for name in ("images", "example_images")}},
 }}}
 
 
@@ -43,14 +48,27 @@ def _input(options: RetrieveOptions, images: list[tuple[str, bytes]],
                           gate=options.gate, fewshot=fewshot)
 
 
-def _from_json(raw: bytes, settings) -> RetrievalInput:
-    """Blocking (JSON parsing, base64): the service runs it off the event loop."""
-    body = RetrieveJSON.model_validate_json(raw)  # ValidationError -> 400/422 with the field
+def _from_json(held: list[bytearray], settings) -> RetrievalInput:
+    """Blocking (JSON parsing, base64): the service runs it off the event loop. `held` is the request's only
+    reference to its body; each copy is dropped as soon as the next form of it exists (raw -> strings ->
+    bytes), so a large body is held about once, not three times."""
+    body = RetrieveJSON.model_validate_json(held.pop())  # ValidationError -> 400/422 with the field
     if len(body.images) > settings.max_images:  # before decoding any of them
         raise InvalidInput(f"{len(body.images)} images; the limit is {settings.max_images}", "images")
-    images = [(f"images[{i}]", decode_base64(s, f"images[{i}]")) for i, s in enumerate(body.images)]
+    images = []
+    for i in range(len(body.images)):
+        images.append((f"images[{i}]", decode_base64(body.images[i], f"images[{i}]")))
+        body.images[i] = ""
     fewshot = fewshot_request(from_base64(body.examples, settings), settings) if body.examples else None
     return _input(body, images, fewshot)
+
+
+async def _receive_body(request: Request) -> bytearray:
+    """The body in one buffer (Starlette's `body()` keeps its chunks and their join: twice the size)."""
+    buffer = bytearray()
+    async for chunk in request.stream():
+        buffer += chunk
+    return buffer
 
 
 async def _from_multipart(request: Request, settings) -> RetrievalInput:
@@ -100,8 +118,8 @@ async def _reader(request: Request, settings) -> Callable[[], RetrievalInput]:
         inp = await _from_multipart(request, settings)  # python-multipart parses while receiving
         return lambda: inp
     if content_type.startswith("application/json"):
-        raw = await request.body()
-        return lambda: _from_json(raw, settings)
+        held = [await _receive_body(request)]
+        return lambda: _from_json(held, settings)
     raise UnsupportedMedia(f"content type {content_type!r}: send application/json or multipart/form-data",
                            "content-type")
 
@@ -112,7 +130,7 @@ def _response(result: Retrieval) -> RetrieveResponse:
     used = AdapterUsed(source=choice.source, adapter_id=adapter.adapter_id if adapter else None,
                        downloadable=choice.downloadable, cache=choice.cache,
                        strategy=adapter.metadata.get("strategy") if adapter else None,
-                       max_similarity=adapter.max_similarity if adapter else None,
+                       max_similarity=adapter.coverage if adapter else None,
                        gated=adapter.gated if adapter else None,
                        refinement=adapter.refinement if adapter else None)
     return RetrieveResponse(
@@ -127,9 +145,11 @@ def _response(result: Retrieval) -> RetrieveResponse:
 
 @router.post("/retrieve", response_model=RetrieveResponse, openapi_extra=_OPENAPI, name="retrieve")
 async def retrieve_route(request: Request, engine: EngineDep, adapters: AdaptersDep, admission: AdmissionDep,
-                         settings: SettingsDep, metrics: MetricsDep) -> RetrieveResponse:
+                         settings: SettingsDep, metrics: MetricsDep) -> Response:
     """Rank texts for each image and images for each text, zero-shot or with an adapter given by a description
     (generated through the cache) or by adapter_id."""
     read = await _reader(request, settings)
     result = await retrieve(read, engine, adapters, admission, settings, metrics, request.is_disconnected)
-    return _response(result)
+    # N images x M texts of rankings: serialised off the event loop (the model documents the shape).
+    body = await asyncio.to_thread(lambda: _response(result).model_dump_json())
+    return Response(body, media_type="application/json")
