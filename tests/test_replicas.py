@@ -34,7 +34,7 @@ from app.services.generator import read_metadata
 from offline.import_experts import remove_experts
 
 from .test_deploy import nginx_executable, nginx_main_config
-from .test_service_support import REDIS_URL, drop_prefix, redis_client
+from .test_service_support import REDIS_URL, drop_prefix, redis_client, redis_timeout_env
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 240  # two processes loading torch + the store on 2 shared cores
@@ -81,7 +81,7 @@ def start_replica(store: Path, prefix: str, port: int, log: Path) -> subprocess.
     env = {k: v for k, v in os.environ.items() if not k.startswith("SGLORA_")}
     env |= {"PYTHONPATH": str(ROOT), "SGLORA_STORE_PATH": str(store), "SGLORA_DEVICE": "cpu",
             "SGLORA_REDIS_URL": REDIS_URL, "SGLORA_REDIS_PREFIX": prefix, "OMP_NUM_THREADS": "1",
-            "SGLORA_STORE_WATCH_S": "0.2"}
+            "SGLORA_STORE_WATCH_S": "0.2"} | redis_timeout_env()  # a timed-out lock call would skip the lock
     return spawn([sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port),
                   "--log-level", "warning"], log, cwd=ROOT, env=env)
 

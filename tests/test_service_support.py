@@ -13,13 +13,23 @@ from fastapi.testclient import TestClient
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 CLOSED_PORT_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1: connection refused at once
+# The service's 0.25 s Redis timeouts fail fast in production; in a test on a busy machine the event loop can stall
+# past them with the reply already there, and one timeout turns the cache off for the backoff (hits become misses,
+# the generation lock is skipped). A test of an unreachable Redis uses a closed port (refused at once) or its own.
+REDIS_TIMEOUTS = {"redis_socket_timeout_s": 5.0, "redis_connect_timeout_s": 5.0}
 
 
 def settings_for(store, **overrides):
     from app.core.config import Settings
 
     return Settings(**({"store_path": store, "device": "cpu", "redis_url": REDIS_URL,
-                        "redis_prefix": f"sglora-test:{uuid.uuid4().hex[:12]}:", "_env_file": None} | overrides))
+                        "redis_prefix": f"sglora-test:{uuid.uuid4().hex[:12]}:", "_env_file": None}
+                       | REDIS_TIMEOUTS | overrides))
+
+
+def redis_timeout_env() -> dict[str, str]:
+    """REDIS_TIMEOUTS as the environment of a server process."""
+    return {f"SGLORA_{k.upper()}": str(v) for k, v in REDIS_TIMEOUTS.items()}
 
 
 def redis_client() -> redis.Redis:
@@ -137,7 +147,7 @@ class Server:
         self.log_path = tmp_path / f"server-{self.port}.log"
         self.env = {"SGLORA_STORE_PATH": str(store), "SGLORA_DEVICE": "cpu", "SGLORA_REDIS_PREFIX": self.prefix}
         if redis_url:
-            self.env["SGLORA_REDIS_URL"] = redis_url
+            self.env |= {"SGLORA_REDIS_URL": redis_url} | redis_timeout_env()
         self.env |= {f"SGLORA_{k.upper()}": str(v) for k, v in settings.items()}
         self.process = None
 
