@@ -55,6 +55,7 @@ def test_playground_in_headless_chromium(tiny_build, tmp_path):
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 1000})
+            page.set_default_timeout(60_000)  # every wait, not only the explicit ones: Chromium on a busy 2-core box
             errors: list[str] = []
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(url + "/playground/")

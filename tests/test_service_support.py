@@ -136,15 +136,15 @@ class PrivateRedis:
 
 
 class Server:
-    """`python -m app` (the production runner) in a subprocess on a free port, from this tree's code; its
-    stderr (JSON log lines) is kept in `log_path`. Stopped (and waited for) on exit."""
+    """`python -m app` (the production runner) in a subprocess on a port it binds itself (port 0, read back from its
+    log: tests/live_server.py says why), from this tree's code; its stderr (JSON log lines) is kept in `log_path`.
+    Stopped (and waited for) on exit."""
 
     def __init__(self, store, tmp_path, redis_url: str | None = REDIS_URL, **settings):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = None  # known once the server listens
         self.prefix = f"sglora-test:{uuid.uuid4().hex[:12]}:"
         self.redis_url = redis_url
-        self.log_path = tmp_path / f"server-{self.port}.log"
+        self.log_path = tmp_path / f"server-{self.prefix.split(':')[1]}.log"
         self.env = {"SGLORA_STORE_PATH": str(store), "SGLORA_DEVICE": "cpu", "SGLORA_REDIS_PREFIX": self.prefix}
         if redis_url:
             self.env |= {"SGLORA_REDIS_URL": redis_url} | redis_timeout_env()
@@ -160,13 +160,20 @@ class Server:
 
         import httpx
 
+        from tests.live_server import announced_url
+
         root = Path(__file__).resolve().parents[1]
         env = {k: v for k, v in os.environ.items() if not k.startswith("SGLORA_")} | self.env
         env["PYTHONPATH"] = str(root)
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in __exit__)
-        self.process = subprocess.Popen([sys.executable, "-m", "app", "--port", str(self.port)], cwd=root, env=env,
+        self.process = subprocess.Popen([sys.executable, "-m", "app", "--port", "0"], cwd=root, env=env,
                                         stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
+        try:
+            self.url = announced_url(self.process, self.log_path, 120)
+        except RuntimeError:
+            self.__exit__(None, None, None)
+            raise
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
@@ -198,7 +205,7 @@ class Server:
         from prometheus_client.parser import text_string_to_metric_families
 
         total = 0.0
-        for family in text_string_to_metric_families(httpx.get(self.url + "/metrics", timeout=5).text):
+        for family in text_string_to_metric_families(httpx.get(self.url + "/metrics", timeout=30).text):
             for sample in family.samples:
                 if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                     total += sample.value
