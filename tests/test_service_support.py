@@ -104,29 +104,49 @@ class PrivateRedis:
         self.binary = shutil.which("redis-server")
         if self.binary is None:
             pytest.fail("redis-server is not installed (scripts/ensure-redis.sh installs it)")
-        self.port = port or free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._port_is_ours_to_pick = port is None
+        self._use_port(port or free_port())
         self.process = None
 
+    def _use_port(self, port: int) -> None:
+        self.port, self.url = port, f"redis://127.0.0.1:{port}/0"
+
     def start(self) -> PrivateRedis:
+        """Start redis-server and wait (30 s at most) until it answers as itself. Its port was picked free and is
+        bound only now, so another process may hold it meanwhile (another test's private Redis answers PING just
+        as well): INFO's process_id tells ours apart. A first start whose port was taken retries on another one."""
+        for _ in range(3):
+            if self._start_once():
+                return self
+            if not self._port_is_ours_to_pick:
+                break
+            self._use_port(free_port())
+        raise RuntimeError(f"private redis-server could not start on port {self.port} (taken by another process?)")
+
+    def _start_once(self) -> bool:
         import subprocess
         import time
 
         self.process = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
                                          "--save", "", "--appendonly", "no"],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_timeout=0.5)
-        for _ in range(100):
+        client = redis.Redis(port=self.port, socket_timeout=5)
+        deadline = time.monotonic() + 30
+        while self.process.poll() is None and time.monotonic() < deadline:
             try:
-                if client.ping():
-                    return self
+                if client.info("server")["process_id"] == self.process.pid:
+                    self._port_is_ours_to_pick = False  # a restart must come back on this port
+                    return True
             except redis.RedisError:
-                time.sleep(0.05)
-        raise RuntimeError(f"private redis-server on port {self.port} did not start")
+                pass
+            time.sleep(0.05)
+        self.stop()
+        return False
 
     def stop(self) -> None:
         if self.process is not None:
-            self.process.terminate()
+            if self.process.poll() is None:
+                self.process.terminate()
             self.process.wait(timeout=10)
             self.process = None
 
