@@ -316,7 +316,7 @@ def experts(
     headers = ["id", "description", *dict.fromkeys(extra)]
     typer.echo(table(headers, [[e.get(h, "") for h in headers] for e in listed]))
     typer.echo(f"{len(listed)} shown (from {result.get('offset', 0)}) of {result.get('count', len(listed))}; "
-               f"store {result.get('store_version')}")
+               f"store {result.get('store_version')}; default strategy {result.get('default_strategy')}")
 
 
 # ------------------------------------------------------------------------------------------------- errors
@@ -335,7 +335,10 @@ def suggestion(error: SGLoRAError, server: str) -> str | None:
 
 
 def _unreachable(error: httpx.TransportError, server: str) -> str:
-    url = getattr(getattr(error, "request", None), "url", None) or server
+    try:
+        url = error.request.url
+    except RuntimeError:  # httpx raises when the error carries no request
+        url = server
     return (f"cannot reach {url}: {error or type(error).__name__}\n"
             f"hint: is the server running (`python -m app`, `make serve`)? Point --server or $SGLORA_URL at it "
             f"(now {server})")

@@ -209,19 +209,18 @@ async function generate(event, overrides = {}) {
 // ------------------------------------------------------------------------------------------------ choices
 
 async function loadStrategies() {
-  // The server's list: the strategy enum of its OpenAPI document; its default (the store's validated choice) from
-  // /experts, which needs the API key when the server sets one (without it the menu just says "server default").
+  // The server's list: the strategy enum of its OpenAPI document; its default from /experts, which needs the API
+  // key when the server sets one (without it the menu just says "server default").
   const doc = await call("openapi.json", { headers: headers() });
   const schema = doc.components.schemas.GenerateRequest.properties.strategy;
   const names = (schema.enum || (schema.anyOf || []).flatMap((s) => s.enum || []));
-  let fallback = "";
+  let serverDefault = "";
   try {
-    const library = await call("experts?limit=1", { headers: headers() });
-    fallback = (library.routing && library.routing.default_strategy) || "";
+    serverDefault = (await call("experts?limit=1", { headers: headers() })).default_strategy || "";
   } catch (e) { /* no key yet: the label stays generic */ }
   const chosen = $("strategy").value;
-  $("strategy").replaceChildren(el("option", { value: "" }, fallback ? `server default (${fallback})` : "server default"),
-    ...names.map((name) => el("option", { value: name }, name)));
+  const label = serverDefault ? `server default (${serverDefault})` : "server default";
+  $("strategy").replaceChildren(el("option", { value: "" }, label), ...names.map((n) => el("option", { value: n }, n)));
   if (names.includes(chosen)) $("strategy").value = chosen;
   $("strategy").dataset.loaded = "true";
 }
