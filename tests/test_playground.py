@@ -118,7 +118,8 @@ def test_playground_in_headless_chromium(tiny_build, tmp_path):
                 gated = page.inner_text("#gated")
                 assert gated.startswith("Zero-shot:") and "best cosine" in gated and "< 2.000" in gated
                 assert page.locator("#experts-table").count() == 0 and page.locator("#chart svg").count() == 0
-                assert page.locator("#downloads").is_hidden() and "weight" not in page.inner_text("main").lower()
+                assert page.locator("#downloads").is_hidden() and page.locator("#experts").is_hidden()
+                assert not any("weight" in page.inner_text(box).lower() for box in ("#gated", "#coverage", "#status"))
                 assert page.inner_text("#status").startswith("zero-shot")
                 page.screenshot(path=str(tmp_path / "playground-gated.png"), full_page=True)
                 page.click("#ungate")  # the opt-out: the routed adapter anyway

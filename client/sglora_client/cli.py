@@ -26,7 +26,14 @@ from typing import Annotated, Any
 import httpx
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskProgressColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 from sglora_client.client import FORMATS, STRATEGIES, SGLoRAClient, SGLoRAError
 
@@ -176,8 +183,8 @@ def progress_bar(label: str, quiet: bool) -> Iterator[Callable[[int, int], None]
         if quiet or (total or done) < PROGRESS_FROM_BYTES:
             return
         if bar is None:
-            bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                           TransferSpeedColumn(), TimeRemainingColumn(), console=_STDERR)
+            bar = Progress("[progress.description]{task.description}", BarColumn(), TaskProgressColumn(),
+                           DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(), console=_STDERR)
             bar.start()
             task = bar.add_task(label, total=total or None)
         bar.update(task, completed=done)
