@@ -86,7 +86,7 @@ def test_cli_generate_then_download_by_id(server, tmp_path):
     assert "downloading" not in done.stderr  # a small file: no bar
     done = sglora(url, "download", adapter_id, "--format", "open_clip-merged", "-o", "m.safetensors", cwd=tmp_path)
     size = (tmp_path / "m.safetensors").stat().st_size
-    assert done.returncode == 0 and size > 1_000_000 and f"({size} bytes)" in done.stdout
+    assert done.returncode == 0 and size > 1_000_000 and f"open_clip-merged, {size} bytes)" in done.stdout
     assert "downloading m.safetensors" in done.stderr and "100%" in done.stderr  # rich's bar, its final state
 
 
