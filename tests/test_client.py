@@ -1,11 +1,14 @@
 """The Python client and the `sglora` CLI against a running server (uvicorn on the tiny store): generate, download
-by id, retrieve (multipart with progress), experts, and the server's error message on failure. The CLI runs in a
-process where torch, numpy, FastAPI and the app cannot be imported: the client needs an HTTP library only."""
+by id (a progress bar for a large one), retrieve (multipart with progress), experts, the server's error message,
+the URL tried and a hint on failure; `--help` of every command shows every option with its help, env var or
+default. The CLI runs in a process where torch, numpy, FastAPI and the app cannot be imported: the client needs
+an HTTP library and its CLI framework only."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import zipfile
@@ -35,10 +38,11 @@ def server(tiny_build):
         yield url, tiny_build
 
 
-def sglora(url: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", _ONLY_HTTP, "--server", url, *args], cwd=cwd or ROOT,
-                          env={"PYTHONPATH": str(CLIENT_DIR), "PATH": "/usr/bin:/bin"}, capture_output=True,
-                          text=True, timeout=120)
+def sglora(url: str | None, *args: str, cwd=None) -> subprocess.CompletedProcess:
+    server = ["--server", url] if url else []
+    return subprocess.run([sys.executable, "-c", _ONLY_HTTP, *server, *args], cwd=cwd or ROOT,
+                          env={"PYTHONPATH": str(CLIENT_DIR), "PATH": "/usr/bin:/bin", "COLUMNS": "200"},
+                          capture_output=True, text=True, timeout=120)
 
 
 def image_files(ctx, tmp_path, n=2):
@@ -67,7 +71,11 @@ def test_cli_generate_then_download_by_id(server, tmp_path):
     k = int(json.loads((ctx.out / "manifest.json").read_text())["artifacts"]["routing"]["record"]["strategy_params"][
         json.loads((ctx.out / "manifest.json").read_text())["artifacts"]["routing"]["record"]["default_strategy"]]["k"])
     rows = lines[at + 2 : at + 2 + k]  # K: what the store's validation chose for its default strategy
-    assert len(rows) == k and all(len(r.split()) >= 4 for r in rows) and lines[at + 2 + k].startswith("max_similarity")
+    assert len(rows) == k and all(len(r.split()) >= 4 for r in rows)
+    whys = lines[at + 2 + k : at + 2 + 2 * k]  # then why each expert was chosen
+    assert [w.split(":")[0] for w in whys] == [f"why {r.split()[0]}" for r in rows], out
+    coverage = float(re.search(r"coverage (\S+)", out).group(1))
+    assert all(float(s) <= coverage + 1e-4 for s in re.findall(r"cosine (\d\.\d+)", "\n".join(whys)))
 
     done = sglora(url, "download", adapter_id, "--format", "peft", "-o", "a.zip", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -75,6 +83,11 @@ def test_cli_generate_then_download_by_id(server, tmp_path):
         assert "adapter_config.json" in zf.namelist()
     done = sglora(url, "download", adapter_id, "-o", "b.safetensors", cwd=tmp_path)
     assert done.returncode == 0 and (tmp_path / "b.safetensors").read_bytes() == data
+    assert "downloading" not in done.stderr  # a small file: no bar
+    done = sglora(url, "download", adapter_id, "--format", "open_clip-merged", "-o", "m.safetensors", cwd=tmp_path)
+    size = (tmp_path / "m.safetensors").stat().st_size
+    assert done.returncode == 0 and size > 1_000_000 and f"open_clip-merged, {size} bytes)" in done.stdout
+    assert "downloading m.safetensors" in done.stderr and "100%" in done.stderr  # rich's bar, its final state
 
 
 def test_cli_retrieve_uploads_with_progress_and_prints_rankings(server, tmp_path):
@@ -84,7 +97,6 @@ def test_cli_retrieve_uploads_with_progress_and_prints_rankings(server, tmp_path
     done = sglora(url, "retrieve", "--description", task.description, *map(str, paths),
                   "--text", texts[0], "--text", texts[1])
     assert done.returncode == 0, done.stderr
-    assert "uploading 2 images: 100%" in done.stderr
     assert "adapter: description" in done.stdout
     assert "image -> texts" in done.stdout and "text -> images" in done.stdout
     rows = [line for line in done.stdout.splitlines() if line.startswith("img")]
@@ -105,6 +117,46 @@ def test_cli_experts_and_server_errors(server):
     assert "HTTP 422 [k]" in done.stderr and "exceeds the library size" in done.stderr  # the server's own words
     done = sglora(url, "download", "0" * 64)
     assert done.returncode == 1 and "HTTP 404 [adapter_id]" in done.stderr
+    assert f"(GET {url}/adapters/{'0' * 64})" in done.stderr  # the request tried
+
+    # A wrong path prefix: the URL tried and how to fix it, not just "Not Found".
+    done = sglora(url + "/api/v1", "generate", "a photo of a red circle")
+    assert done.returncode == 1 and f"HTTP 404: Not Found (POST {url}/api/v1/generate-lora)" in done.stderr
+    assert "hint: no sglora route at that URL" in done.stderr and f"{url}/api/v1/health/ready" in done.stderr
+    done = sglora("http://127.0.0.1:9", "experts")  # nothing listens on port 9
+    assert done.returncode == 1 and "cannot reach http://127.0.0.1:9/experts" in done.stderr
+    assert "hint: is the server running" in done.stderr and "$SGLORA_URL" in done.stderr
+
+
+def test_cli_help_shows_every_option_with_its_help_and_env_var_or_default():
+    """Must show: `sglora --help` and each subcommand's --help: every option, its help text, its env var/default."""
+    import typer
+    from sglora_client.cli import app
+
+    root = typer.main.get_command(app)
+    commands = {"": root} | {name: root.commands[name] for name in sorted(root.commands)}
+    assert set(commands) == {"", "generate", "download", "retrieve", "experts"}
+    for name, command in commands.items():
+        done = sglora(None, *([name] if name else []), "--help")
+        assert done.returncode == 0, done.stderr
+        flat = " ".join(re.sub(r"[│╭╮╰╯─]", " ", done.stdout).split())  # rich's panels, wrapping undone
+        options = [p for p in command.params if p.param_type_name == "option" and p.name != "help"]
+        assert options, name
+        starts = [re.search(rf"(?<![\w-]){re.escape(p.opts[0])}(?![\w-])", flat) for p in options]
+        assert all(starts), (name, [p.opts[0] for p, m in zip(options, starts, strict=True) if not m])
+        ends = [m.start() for m in starts[1:]] + [len(flat)]
+        for param, start, end in zip(options, starts, ends, strict=True):
+            block = flat[start.start() : end]
+            assert param.help and " ".join(param.help.split()) in block, (name, param.opts, block)
+            envvar = f"[env var: {param.envvar}]" if param.envvar else None
+            assert (envvar and envvar in block) or "[default: " in block, (name, param.opts, block)
+    strategies = commands["generate"].params
+    help_text = next(p.help for p in strategies if p.name == "strategy")
+    from sglora_client import STRATEGIES as CLIENT_STRATEGIES
+
+    from app.ml.strategies import STRATEGIES
+
+    assert set(CLIENT_STRATEGIES) == set(STRATEGIES) and all(s in help_text for s in STRATEGIES)
 
 
 def test_python_client_reports_progress_and_returns_json(server, tmp_path):

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from app.ml import gain_index as gain_index_module
 from app.ml import index_search
 from app.ml.aggregator import ExpertBank, build_index, route, route_by_gain, route_by_gain_index
 from app.ml.gain_index import GainIndex
@@ -87,24 +86,6 @@ def test_gain_index_ranking_equals_the_exhaustive_ranking(bandwidth: float) -> N
         assert got[0] == expected[0]
         np.testing.assert_allclose(got[1], expected[1], rtol=1e-9, atol=1e-9)
         np.testing.assert_allclose(got[2], expected[2], rtol=1e-9, atol=1e-9)
-
-
-def test_gain_index_above_the_exact_size_is_hnsw_with_the_same_top_experts(monkeypatch) -> None:
-    monkeypatch.setattr(gain_index_module, "EXACT_UP_TO", 100)
-    rng = np.random.default_rng(4)
-    experts = clustered(rng, 3000)
-    bank = bank_of(experts)
-    router = random_router(rng, experts, tasks=12, bandwidth=0.0)
-    index = GainIndex(router, bank.embeddings)
-    assert not index.exact
-    hits = 0
-    for q in range(0, 3000, 30):
-        expected, _, _ = route_by_gain(bank, router.predict(experts[q], experts), experts[q], 4, [f"e{q}"])
-        rows, gains, _ = route_by_gain_index(bank, index, experts[q], 4, [f"e{q}"])
-        hits += len(set(rows) & set(expected))
-        assert q not in rows
-        np.testing.assert_allclose(gains, router.predict(experts[q], experts[rows]), rtol=1e-12)  # exact re-score
-    assert hits / (4 * 100) >= 0.95
 
 
 def test_route_by_gain_index_refuses_k_beyond_the_routable_experts() -> None:

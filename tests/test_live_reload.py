@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,30 +15,24 @@ import pytest
 
 from app.ml.store import load_store, read_manifest
 from offline.import_experts import add_experts, remove_experts
+from tests.live_server import announced_url
 from tests.test_import_experts import NEW_DESCRIPTION, peft_folder, store_copy  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN = "test-admin-key"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def server(store_copy):  # noqa: F811
-    port = free_port()
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT),
            "SGLORA_STORE_PATH": str(store_copy), "SGLORA_DEVICE": "cpu", "SGLORA_ADMIN_KEY": ADMIN,
            "OMP_NUM_THREADS": "1"}
     log = open(store_copy.parent / "server.log", "wb")  # a file, not a pipe: a full pipe would block the server
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port",
-                             str(port), "--timeout-graceful-shutdown", "2"], cwd=ROOT, env=env, stdout=log,
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", "0",
+                             "--timeout-graceful-shutdown", "2"], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
     try:
+        url = announced_url(proc, store_copy.parent / "server.log", 120)  # it binds port 0 itself: no race
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
@@ -82,9 +75,15 @@ def test_running_server_picks_up_an_added_expert_while_requests_run(server, tmp_
 
     loop = threading.Thread(target=request_loop)
     loop.start()
-    try:
-        while len(results) < 3:
+
+    def until_results(n: int) -> None:  # a failed request loop or a hung server fails the test, never hangs it
+        deadline = time.monotonic() + 120
+        while len(results) < n:
+            assert loop.is_alive() and time.monotonic() < deadline, f"{len(results)} requests done, waiting for {n}"
             time.sleep(0.05)
+
+    try:
+        until_results(3)
         # No key: refused, nothing switches.
         assert httpx.post(f"{url}/admin/reload", timeout=10).status_code == 401
         layout = load_store(store).layout
@@ -95,8 +94,7 @@ def test_running_server_picks_up_an_added_expert_while_requests_run(server, tmp_
                                                         "previous_version": old_version,
                                                         "experts": len(tiny_build.split.seen) + 1, "seconds": None}
         n_after = len(results)  # requests from here on started after the switch
-        while len(results) < n_after + 3:
-            time.sleep(0.05)
+        until_results(n_after + 3)
         again = httpx.post(f"{url}/admin/reload", headers={"X-Admin-Key": ADMIN}, timeout=60).json()
         assert again["changed"] is False and again["version"] == new_version
     finally:

@@ -19,7 +19,9 @@ from PIL import Image
 from tests.test_service_support import png_b64, settings_for, threaded_server
 
 MAX_BODY = 1024 * 1024
-HEADER_TIMEOUT_S = 0.5
+# Every request to this module's server must deliver its headers within this: 0.5 s could be missed by a client
+# thread descheduled between connect and send on a busy machine (a 408 for a well-formed request).
+HEADER_TIMEOUT_S = 5.0
 
 
 @pytest.fixture(scope="module")
@@ -131,9 +133,8 @@ def test_a_client_gone_during_model_work_stops_the_work_and_is_logged_499(served
         # Its one slot is busy and nothing may queue: /retrieve is refused from its headers, body unread.
         with connect(url) as sock:
             sock.sendall(headers_only("/retrieve", 5000))
-            t0 = time.perf_counter()
-            status, headers, body503 = read_response(sock)
-            assert status == 503 and headers["retry-after"] == "1" and time.perf_counter() - t0 < 5
+            status, headers, body503 = read_response(sock)  # an answer although no body byte was sent
+            assert status == 503 and headers["retry-after"] == "1"
             assert json.loads(body503)["error"]["code"] == "overloaded"
         assert value(metrics.shed, reason="queue_full") == 1
 

@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -33,17 +32,12 @@ from app.ml.store import migrate_store, read_manifest
 from app.services.generator import read_metadata
 from offline.import_experts import remove_experts
 
+from .live_server import announced_url, free_port
 from .test_deploy import nginx_executable, nginx_main_config
-from .test_service_support import REDIS_URL, drop_prefix, redis_client
+from .test_service_support import REDIS_URL, drop_prefix, redis_client, redis_timeout_env
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 240  # two processes loading torch + the store on 2 shared cores
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def spawn(args: list[str], log: Path, **kwargs) -> subprocess.Popen:
@@ -77,13 +71,14 @@ def stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
-def start_replica(store: Path, prefix: str, port: int, log: Path) -> subprocess.Popen:
+def start_replica(store: Path, prefix: str, log: Path) -> subprocess.Popen:
+    """A replica on a port it binds itself (port 0, read back from its log with announced_url)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SGLORA_")}
     env |= {"PYTHONPATH": str(ROOT), "SGLORA_STORE_PATH": str(store), "SGLORA_DEVICE": "cpu",
             "SGLORA_REDIS_URL": REDIS_URL, "SGLORA_REDIS_PREFIX": prefix, "OMP_NUM_THREADS": "1",
-            "SGLORA_STORE_WATCH_S": "0.2"}
-    return spawn([sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port),
-                  "--log-level", "warning"], log, cwd=ROOT, env=env)
+            "SGLORA_STORE_WATCH_S": "0.2"} | redis_timeout_env()  # a timed-out lock call would skip the lock
+    return spawn([sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", "0",
+                  "--log-level", "info", "--no-access-log"], log, cwd=ROOT, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -95,16 +90,15 @@ def replicas(tiny_build, tmp_path_factory):
     if read_manifest(store)["format_version"] == 1:  # a store reused from before format 2 (SGLORA_TEST_STORE)
         migrate_store(store)
     prefix = f"sglora-test-replicas:{uuid.uuid4().hex[:12]}:"
-    ports = [free_port(), free_port()]
     logs = tmp_path_factory.mktemp("replica-logs")
     with ExitStack() as stack:
         stack.callback(drop_prefix, prefix)
         processes = []
-        for port in ports:
-            processes.append(start_replica(store, prefix, port, logs / f"uvicorn-{port}.log"))
+        for name in ("a", "b"):
+            processes.append(start_replica(store, prefix, logs / f"uvicorn-{name}.log"))
             stack.callback(stop, processes[-1])
-        urls = [f"http://127.0.0.1:{p}" for p in ports]
         deadline = time.monotonic() + START_TIMEOUT_S
+        urls = [announced_url(p, p.log, max(1.0, deadline - time.monotonic())) for p in processes]
         for url, process in zip(urls, processes, strict=True):
             wait_ready(url, process, deadline)
         proxy = None
@@ -112,7 +106,7 @@ def replicas(tiny_build, tmp_path_factory):
         if nginx is not None:
             workdir = tmp_path_factory.mktemp("nginx")
             port = free_port()
-            config = nginx_main_config(workdir, [f"127.0.0.1:{p}" for p in ports], listen=port)
+            config = nginx_main_config(workdir, [u.removeprefix("http://") for u in urls], listen=port)
             process = spawn([nginx, "-p", str(workdir), "-c", str(config)], logs / "nginx.log")
             stack.callback(stop, process)
             proxy = f"http://127.0.0.1:{port}"

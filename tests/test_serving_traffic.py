@@ -31,7 +31,9 @@ def heavy_body():
 
 
 LIGHT = {"description": "a photo of a small red circle", "strategy": "topk_weighted"}
-SHUTDOWN_DELAY_S = 1.5
+# Long enough for the two requests the SIGTERM test makes during the delay, however busy the machine: once it is
+# over the server stops accepting, and a check still under way would fail with a refused connection.
+SHUTDOWN_DELAY_S = 5.0
 HEAVY_SETTINGS = {"max_request_pixels": HEAVY_IMAGES * 4096 * 4096, "decode_workers": 1}
 
 
@@ -70,12 +72,13 @@ def test_over_the_limit_is_a_fast_503_with_retry_after_and_disconnects_are_not_5
     heavy, first = in_background(lambda: httpx.post(server.url + "/retrieve", json=heavy_body, timeout=120))
     wait_for(lambda: server.metric("sglora_work_running") == 1, what="the heavy request to hold the slot")
 
-    t0 = time.perf_counter()
     r = httpx.post(server.url + "/generate-lora", json=LIGHT, timeout=30)
-    elapsed = time.perf_counter() - t0
     assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
-    assert r.json()["error"]["code"] == "overloaded" and elapsed < 1.0, elapsed
+    assert r.json()["error"]["code"] == "overloaded"
+    # "Fast" is the path, not a stopwatch (a busy machine stretches any one): refused because the queue was full,
+    # not after waiting for the slot, which would count as wait_timeout.
     assert server.metric("sglora_shed_total", reason="queue_full") == 1
+    assert server.metric("sglora_shed_total", reason="wait_timeout") == 0
     assert server.metric("sglora_generations_total") == 0  # refused before any work
 
     heavy.join(120)
@@ -96,7 +99,13 @@ def test_logs_are_json_lines_with_request_ids_and_an_access_line(limited):
     assert r.status_code == 200 and r.headers["x-request-id"] == "req-42"
     minted = httpx.get(server.url + "/experts", headers={"X-Request-ID": "bad id\twith spaces"}, timeout=30)
     assert len(minted.headers["x-request-id"]) == 32  # an untidy id is replaced, never echoed
-    time.sleep(0.3)
+
+    def access_lines(request_id: str) -> list[dict]:
+        return [r for r in server.log_records() if r.get("logger") == "sglora.access"
+                and r.get("request_id") == request_id]
+
+    # The access line may be written after the client has its response: wait for it, not for a guessed 0.3 s.
+    wait_for(lambda: access_lines("req-42") and access_lines(minted.headers["x-request-id"]), what="access lines")
     records = server.log_records()
     assert not [r for r in records if "unparsed" in r], "every line is JSON"
     assert any(r.get("logger") == "app.services.engine" and "engine ready" in r["event"] for r in records)
@@ -116,8 +125,7 @@ def test_sigterm_turns_readiness_503_while_an_in_flight_request_completes(limite
     server.process.send_signal(signal.SIGTERM)
     t0 = time.monotonic()
     ready = httpx.get(server.url + "/health/ready", timeout=5)
-    assert ready.status_code == 503 and ready.json()["status"] == "draining"
-    assert time.monotonic() - t0 < 1.0
+    assert ready.status_code == 503 and ready.json()["status"] == "draining"  # at once: the delay has not ended
     # Still serving during the delay (the load balancer has not caught up yet): a cache hit needs no slot.
     assert httpx.post(server.url + "/generate-lora", json=LIGHT, timeout=30).headers["x-cache"] == "hit"
     heavy.join(120)

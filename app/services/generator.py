@@ -69,6 +69,11 @@ class GenerationParams:
         return None if self.fewshot is None else self.fewshot.key
 
 
+def served_default_strategy(settings, store: Store) -> str:
+    """The strategy a request without one gets: SGLORA_DEFAULT_STRATEGY, else the store's validated default."""
+    return settings.default_strategy or default_strategy(store)
+
+
 def resolve_params(*, description: str, strategy: str | None, k: int | None, tau: float | None, seed: int,
                    num_samples: int, settings, store: Store, gate: bool = True,
                    fewshot: FewShotRequest | None = None) -> GenerationParams:
@@ -82,7 +87,7 @@ def resolve_params(*, description: str, strategy: str | None, k: int | None, tau
     if len(text) > settings.max_description_chars:
         raise InvalidInput(f"description has {len(text)} characters; the limit is {settings.max_description_chars}",
                            "description")
-    strategy = strategy or settings.default_strategy or default_strategy(store)
+    strategy = strategy or served_default_strategy(settings, store)
     if k is None and settings.k is not None:
         k = min(settings.k, library_size)
     validated_k, validated_tau = validated_params(store, strategy)

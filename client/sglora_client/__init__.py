@@ -1,5 +1,5 @@
-"""sglora client: `SGLoRAClient` (Python) and the `sglora` command line (cli.py). Needs httpx only."""
+"""sglora client: `SGLoRAClient` (Python, needs httpx only) and the `sglora` command line (cli.py, typer)."""
 
-from sglora_client.client import FORMATS, SGLoRAClient, SGLoRAError
+from sglora_client.client import FORMATS, STRATEGIES, SGLoRAClient, SGLoRAError
 
-__all__ = ["FORMATS", "SGLoRAClient", "SGLoRAError"]
+__all__ = ["FORMATS", "STRATEGIES", "SGLoRAClient", "SGLoRAError"]

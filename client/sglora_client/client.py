@@ -23,32 +23,41 @@ from typing import Any
 import httpx
 
 FORMATS = ("safetensors", "peft", "open_clip-merged")
-Progress = Callable[[int, int], None]  # (bytes sent, total bytes)
+# The server's strategies (its OpenAPI enum; tests/test_client.py checks they agree), for help texts only: the
+# server validates the name, so a newer server's strategy works from an older client.
+STRATEGIES = ("transfer_routed", "delta_merge", "topk_weighted", "sglora", "sglora_mean", "adapter_soup",
+              "model_soup", "zero_shot")
+Progress = Callable[[int, int], None]  # (bytes sent or received, total bytes)
 _CHUNK = 64 * 1024
 
 
 class SGLoRAError(Exception):
-    """The server said no: status, the field it names (or None) and its message."""
+    """The server said no: status, the field it names (or None), its message, and the request that was tried."""
 
-    def __init__(self, status: int, message: str, field: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, field: str | None = None, code: str | None = None,
+                 method: str | None = None, url: str | None = None):
         self.status, self.message, self.field, self.code = status, message, field, code
+        self.method, self.url = method, url
         where = f" [{field}]" if field else ""
-        super().__init__(f"HTTP {status}{where}: {message}")
+        tried = f" ({method} {url})" if url else ""
+        super().__init__(f"HTTP {status}{where}: {message}{tried}")
 
 
 def error_from(response: httpx.Response) -> SGLoRAError:
     """The server's error envelope {"error": {"message", "field", ...}}; FastAPI's {"detail": ...} or plain text
     from anything in front of it (a proxy) are read too, so the user always sees what was said."""
+    tried = {"method": response.request.method, "url": str(response.request.url)}
     try:
         body = response.json()
     except ValueError:
-        return SGLoRAError(response.status_code, response.text.strip()[:500] or response.reason_phrase)
+        return SGLoRAError(response.status_code, response.text.strip()[:500] or response.reason_phrase, **tried)
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         err = body["error"]
-        return SGLoRAError(response.status_code, str(err.get("message", err)), err.get("field"), err.get("code"))
+        return SGLoRAError(response.status_code, str(err.get("message", err)), err.get("field"), err.get("code"),
+                           **tried)
     if isinstance(body, dict) and "detail" in body:
-        return SGLoRAError(response.status_code, str(body["detail"]))
-    return SGLoRAError(response.status_code, str(body)[:500])
+        return SGLoRAError(response.status_code, str(body["detail"]), **tried)
+    return SGLoRAError(response.status_code, str(body)[:500], **tried)
 
 
 class SGLoRAClient:
@@ -76,13 +85,14 @@ class SGLoRAClient:
     # ----------------------------------------------------------------------------------------- adapters
 
     def generate(self, description: str, *, strategy: str | None = None, k: int | None = None,
-                 tau: float | None = None, seed: int = 0, num_samples: int = 1,
+                 tau: float | None = None, seed: int = 0, num_samples: int = 1, gate: bool = True,
                  examples: Sequence[tuple[str | os.PathLike | bytes, str]] | None = None) -> dict[str, Any]:
         """POST /generate-lora as JSON: adapter_id(s), trace, coverage, metadata, downloads (URL per format).
+        A gated answer (`gated` set, `served` zero_shot) is the zero adapter; gate=False asks for the routed one.
         `examples`: (image path or bytes, caption) pairs of the task; the adapter is refined on them and the answer's
         `refinement` says what they did (loss before/after, steps, time, stopped_early)."""
         body = {"description": description, "strategy": strategy, "k": k, "tau": tau, "seed": seed,
-                "num_samples": num_samples}
+                "num_samples": num_samples, "gate": None if gate else False}
         body = {key: v for key, v in body.items() if v is not None}
         if examples:
             body["examples"] = [{"image": base64.b64encode(_file_part(i, image)[1]).decode(), "caption": caption}
@@ -91,13 +101,28 @@ class SGLoRAClient:
                                            headers={"Accept": "application/json"})
         return self._send(request).json()
 
-    def download(self, adapter_id: str, path: str | os.PathLike | None = None,
-                 format: str = "safetensors") -> bytes:
-        """GET /adapters/{id}?format=...; the bytes, also written to `path` when given."""
+    def download(self, adapter_id: str, path: str | os.PathLike | None = None, format: str = "safetensors",
+                 progress: Progress | None = None) -> bytes:
+        """GET /adapters/{id}?format=...; the bytes, also written to `path` when given. `progress(received,
+        total)` per chunk (total: the Content-Length, 0 when the server does not send one)."""
         if format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
         params = {} if format == "safetensors" else {"format": format}
-        data = self._send(self._http.build_request("GET", f"/adapters/{adapter_id}", params=params)).content
+        request = self._http.build_request("GET", f"/adapters/{adapter_id}", params=params)
+        response = self._http.send(request, stream=True)
+        try:
+            if response.status_code >= 400:
+                response.read()
+                raise error_from(response)
+            total, received, chunks = int(response.headers.get("content-length") or 0), 0, []
+            for chunk in response.iter_bytes(_CHUNK):
+                chunks.append(chunk)
+                received += len(chunk)
+                if progress is not None:
+                    progress(received, total)
+        finally:
+            response.close()
+        data = b"".join(chunks)
         if path is not None:
             Path(path).write_bytes(data)
         return data
@@ -107,14 +132,14 @@ class SGLoRAClient:
     def retrieve(self, images: Sequence[str | os.PathLike | bytes], texts: Sequence[str], *,
                  description: str | None = None, adapter_id: str | None = None, top_k: int | None = None,
                  strategy: str | None = None, k: int | None = None, tau: float | None = None, seed: int | None = None,
-                 progress: Progress | None = None,
+                 gate: bool = True, progress: Progress | None = None,
                  examples: Sequence[tuple[str | os.PathLike | bytes, str]] | None = None) -> dict[str, Any]:
         """POST /retrieve as a multipart upload of image files (paths or bytes); `progress(sent, total)` per chunk.
         `examples` (with `description`): (image, caption) pairs the description's adapter is refined on."""
         files = [("images", _file_part(i, img)) for i, img in enumerate(images)]
         files += [("example_images", _file_part(i, img)) for i, (img, _) in enumerate(examples or ())]
         fields = {"description": description, "adapter_id": adapter_id, "top_k": top_k, "strategy": strategy,
-                  "k": k, "tau": tau, "seed": seed}
+                  "k": k, "tau": tau, "seed": seed, "gate": None if gate else "false"}
         data: dict[str, Any] = {key: str(v) for key, v in fields.items() if v is not None}
         data["texts"] = list(texts)
         if examples:

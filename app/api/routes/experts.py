@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, Request
 from app.api.deps import AdmissionDep, EngineDep, SettingsDep
 from app.core.errors import InvalidInput
 from app.schemas import ExpertsResponse
+from app.services.generator import served_default_strategy
 
 router = APIRouter(tags=["library"])
 
@@ -31,4 +32,4 @@ async def experts(
         raise InvalidInput("q contains a NUL character", "q")
     async with admission.slot(request.is_disconnected) as slot:  # ?q= runs the text encoder: admitted model work
         page = await slot.run(engine.experts_page, offset, limit, q)
-    return ExpertsResponse(**page)
+    return ExpertsResponse(**page, default_strategy=served_default_strategy(settings, engine.store))

@@ -1,15 +1,18 @@
 // sglora playground: plain browser JavaScript against the public API (no build step, no framework).
 // It reads the routing `trace` of the JSON /generate-lora response generically: every per-expert list becomes a
 // table column and every numeric one a bar series, so fields the server adds later appear without a change here.
+// Its choices come from the server (the strategies of the OpenAPI document, the store's default from /experts),
+// never from a list of its own. Each generation starts from a cleared view, so an error never leaves the last
+// answer on screen as if it were the current one.
 "use strict";
 
 const API = new URL("../", window.location.href); // the API root, also behind a path prefix
 const $ = (id) => document.getElementById(id);
-const state = { adapterId: null, description: null, files: [], urls: [] };
+const state = { adapterId: null, gated: null, description: null, files: [], urls: [] };
 
 function headers(extra = {}) {
   const key = $("api-key").value.trim();
-  return key ? { ...extra, "X-API-Key": key } : extra;
+  return key ? { ...extra, Authorization: `Bearer ${key}` } : extra;
 }
 
 async function call(path, options) {
@@ -55,19 +58,25 @@ function traceColumns(trace) {
 
 function renderExperts(trace) {
   const { n, columns, scalars } = traceColumns(trace);
+  const shown = columns.filter((c) => c !== "reasons"); // the reasons are sentences: a "why" line under each row
   const table = el("table", { id: "experts-table" });
-  table.append(el("thead", {}, el("tr", {}, ...columns.map((c) => el("th", {}, c.replace(/_/g, " "))))));
+  table.append(el("thead", {}, el("tr", {}, ...shown.map((c) => el("th", {}, c.replace(/_/g, " "))))));
   const body = el("tbody");
   for (let i = 0; i < n; i++) {
-    body.append(el("tr", { class: "expert" }, ...columns.map((c) =>
+    body.append(el("tr", { class: "expert" }, ...shown.map((c) =>
       el("td", typeof trace[c][i] === "number" ? { class: "num" } : {}, fmt(trace[c][i])))));
+    if (columns.includes("reasons")) {
+      body.append(el("tr", { class: "why" }, el("td", { colspan: shown.length }, `why: ${trace.reasons[i]}`)));
+    }
   }
   table.append(body);
   const box = $("experts");
-  box.replaceChildren(el("h3", {}, `Experts chosen (${n})`), table,
-    ...scalars.map((k) => el("div", { class: "scalar" }, `${k.replace(/_/g, " ")}: ${fmt(trace[k])}`)));
+  const routing = trace.routing ? [el("p", { class: "routing" }, `Chosen: ${trace.routing}.`)] : [];
+  box.replaceChildren(el("h3", {}, `Experts chosen (${n})`), ...routing, table,
+    ...scalars.filter((k) => k !== "routing")
+      .map((k) => el("div", { class: "scalar" }, `${k.replace(/_/g, " ")}: ${fmt(trace[k])}`)));
   box.hidden = false;
-  renderChart(trace, columns.filter((c) => trace[c].every((v) => typeof v === "number")));
+  renderChart(trace, shown.filter((c) => trace[c].every((v) => typeof v === "number")));
 }
 
 function renderChart(trace, series) {
@@ -118,18 +127,68 @@ function renderCoverage(coverage) {
   const fill = el("div", { class: `fill${sim < threshold ? " low" : ""}`, style: `width:${pct(sim)}` });
   const mark = el("div", { class: "mark", style: `left:${pct(threshold)}`, title: `threshold ${threshold}` });
   box.replaceChildren(el("strong", {}, "Coverage "), el("span", { class: "gauge" }, fill, mark),
-    ` best cosine to an expert ${fmt(sim)} (threshold ${fmt(threshold)})`);
+    ` best cosine to any library expert ${fmt(sim)} (warning below ${fmt(threshold)})`);
   if (coverage.warning) box.append(el("div", { class: "warning" }, coverage.warning));
   box.hidden = false;
 }
 
-async function generate(event) {
-  event.preventDefault();
-  showError(null);
-  const description = $("description").value.trim();
-  const body = { description, seed: Number($("seed").value || 0) };
+function renderGated(result) {
+  // The gate served the zero adapter: say so, and why, and offer the opt-out; no experts, weights or downloads.
+  const retry = el("button", { type: "button", id: "ungate" }, "Generate the routed adapter anyway (gate off)");
+  retry.addEventListener("click", () => generate(null, { gate: false }));
+  $("gated").replaceChildren(el("strong", {}, "Zero-shot: "), `no adapter was applied. ${result.gated}.`,
+    el("br"), retry);
+  $("gated").hidden = false;
+}
+
+function renderDownloads(result) {
+  const urls = result.downloads && Object.keys(result.downloads).length ? result.downloads
+    : (result.download_url ? { safetensors: result.download_url } : {});
+  const links = Object.entries(urls);
+  $("downloads").replaceChildren("Download: ", ...(links.length ? links.flatMap(([name, url], i) =>
+    [i ? " · " : "", el("a", { href: url, download: "", id: `download-${name}` }, name)])
+    : ["not available (the server did not store this adapter)"]));
+  $("downloads").hidden = false;
+}
+
+function clearGeneration() {
+  // Everything the last answer showed, and the adapter id ranking would use: an error must not leave them behind.
+  state.adapterId = null;
+  state.gated = null;
+  for (const id of ["coverage", "gated", "experts", "chart", "downloads"]) {
+    $(id).hidden = true;
+    $(id).replaceChildren();
+  }
+}
+
+function generationBody(overrides = {}) {
+  // The request's fields from the form; a new input (e.g. example images) adds its field here.
+  const body = { description: $("description").value.trim(), seed: Number($("seed").value || 0) };
   if ($("strategy").value) body.strategy = $("strategy").value;
   if ($("k").value) body.k = Number($("k").value);
+  return { ...body, ...overrides };
+}
+
+function showGeneration(result) {
+  state.adapterId = result.adapter_id;
+  state.gated = result.gated || null;
+  renderCoverage(result.coverage);
+  if (result.gated) {
+    renderGated(result);
+    status(`zero-shot: the gate declined ${result.strategy} (no adapter applied)`);
+    return;
+  }
+  if (result.trace) renderExperts(result.trace);
+  else { $("experts").replaceChildren(el("p", {}, "zero_shot: no experts, no adapter")); $("experts").hidden = false; }
+  renderDownloads(result);
+  status(`adapter ${result.adapter_id.slice(0, 12)}… (${result.served || result.strategy}, cache ${result.cache})`);
+}
+
+async function generate(event, overrides = {}) {
+  if (event) event.preventDefault();
+  showError(null);
+  clearGeneration();
+  const body = generationBody(overrides);
   $("generate").disabled = true;
   status("generating…");
   try {
@@ -137,25 +196,33 @@ async function generate(event) {
       method: "POST", body: JSON.stringify(body),
       headers: headers({ "Content-Type": "application/json", Accept: "application/json" }),
     });
-    state.adapterId = result.adapter_id;
-    state.description = description;
-    renderCoverage(result.coverage);
-    if (result.trace) renderExperts(result.trace);
-    else { $("experts").replaceChildren(el("p", {}, "zero_shot: no experts, no adapter")); $("experts").hidden = false; }
-    const urls = result.downloads && Object.keys(result.downloads).length ? result.downloads
-      : (result.download_url ? { safetensors: result.download_url } : {});
-    const links = Object.entries(urls);
-    $("downloads").replaceChildren("Download: ", ...(links.length ? links.flatMap(([name, url], i) =>
-      [i ? " · " : "", el("a", { href: url, download: "", id: `download-${name}` }, name)])
-      : ["not available (the server did not store this adapter)"]));
-    $("downloads").hidden = false;
-    status(`adapter ${result.adapter_id.slice(0, 12)}… (${result.strategy}, cache ${result.cache})`);
+    state.description = body.description;
+    showGeneration(result);
   } catch (e) {
     showError(e);
     status("");
   } finally {
     $("generate").disabled = false;
   }
+}
+
+// ------------------------------------------------------------------------------------------------ choices
+
+async function loadStrategies() {
+  // The server's list: the strategy enum of its OpenAPI document; its default from /experts, which needs the API
+  // key when the server sets one (without it the menu just says "server default").
+  const doc = await call("openapi.json", { headers: headers() });
+  const schema = doc.components.schemas.GenerateRequest.properties.strategy;
+  const names = (schema.enum || (schema.anyOf || []).flatMap((s) => s.enum || []));
+  let serverDefault = "";
+  try {
+    serverDefault = (await call("experts?limit=1", { headers: headers() })).default_strategy || "";
+  } catch (e) { /* no key yet: the label stays generic */ }
+  const chosen = $("strategy").value;
+  const label = serverDefault ? `server default (${serverDefault})` : "server default";
+  $("strategy").replaceChildren(el("option", { value: "" }, label), ...names.map((n) => el("option", { value: n }, n)));
+  if (names.includes(chosen)) $("strategy").value = chosen;
+  $("strategy").dataset.loaded = "true";
 }
 
 // ------------------------------------------------------------------------------------------------ retrieve
@@ -196,6 +263,7 @@ function renderRanking(result, texts) {
   }
   const used = result.adapter || {};
   const note = el("p", { class: "adapter-used" }, used.source === "zero_shot" ? "no adapter"
+    : used.gated || state.gated ? `zero-shot: the gate declined the adapter (${used.gated || state.gated})`
     : `adapter ${String(used.adapter_id || "").slice(0, 12)}… (${used.source})`);
   return [note, perImage, perText];
 }
@@ -230,9 +298,13 @@ async function rank() {
 // ------------------------------------------------------------------------------------------------ wiring
 
 $("api-key").value = window.localStorage.getItem("sglora-api-key") || "";
-$("api-key").addEventListener("change", () => window.localStorage.setItem("sglora-api-key", $("api-key").value));
-$("generate-form").addEventListener("submit", generate);
-$("description").addEventListener("input", () => { state.adapterId = null; });
+$("api-key").addEventListener("change", () => {
+  window.localStorage.setItem("sglora-api-key", $("api-key").value);
+  loadStrategies().catch(showError);
+});
+$("generate-form").addEventListener("submit", (e) => generate(e));
+$("description").addEventListener("input", () => { state.adapterId = null; state.gated = null; });
+loadStrategies().catch(showError);
 $("images").addEventListener("change", (e) => setFiles(e.target.files));
 $("rank").addEventListener("click", rank);
 const drop = $("drop");
