@@ -1,6 +1,6 @@
-"""A real uvicorn serving this tree's app on a loopback port (for the client/CLI and browser tests, which must talk
-HTTP to a server, not to an in-process TestClient): in a subprocess, or in a thread of the test's process when the
-test must reach into the app (force a condition on its loaded store). No tests here.
+"""A real uvicorn process serving this tree's app on a loopback port (for the client/CLI and browser tests,
+which must talk HTTP to a server, not to an in-process TestClient); in a thread of the test's process:
+tests.test_service_support.threaded_server. No tests here.
 
 Servers started by the tests bind port 0 themselves and announce the port the kernel gave them (`announced_url`):
 a port the test picked free, closed and handed to the server to bind later could be taken by another process in
@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -83,25 +82,3 @@ def live_server(store: Path, timeout_s: float = 120.0, **settings: str):
                 proc.kill()
                 proc.wait()
 
-
-@contextmanager
-def threaded_server(app, timeout_s: float = 120.0):
-    """Serve an ASGI app (lifespan run) with uvicorn in a thread of this process, on the port the kernel gives it;
-    yield the base URL once it is started. The test keeps the app object, so it can force a condition in it (e.g.
-    a gate that always fires)."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + timeout_s
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"threaded server not started within {timeout_s} s")
-            time.sleep(0.1)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.live_server import threaded_server
-from tests.test_service_support import serving, settings_for
+from tests.test_service_support import serving, settings_for, threaded_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -46,8 +45,6 @@ def browser_or_skip():
 
 def test_playground_in_headless_chromium(tiny_build, tmp_path):
     sync_playwright = browser_or_skip()
-    from app.main import create_app
-
     ctx = tiny_build
     task = ctx.split.unseen[0]
     pairs = ctx.split.test_pairs[task.name][:2]
@@ -58,8 +55,7 @@ def test_playground_in_headless_chromium(tiny_build, tmp_path):
     record = json.loads((ctx.out / "manifest.json").read_text())["artifacts"]["routing"]["record"]
     k = record["strategy_params"][record["default_strategy"]]["k"]
 
-    app = create_app(settings_for(ctx.out, redis_url=None))
-    with threaded_server(app) as url, sync_playwright() as pw:
+    with threaded_server(settings_for(ctx.out, redis_url=None)) as (app, _, url), sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 1000})
