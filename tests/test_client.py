@@ -178,3 +178,23 @@ def test_python_client_reports_progress_and_returns_json(server, tmp_path):
             client.retrieve(paths, [])
     assert seen and seen[-1][0] == seen[-1][1] and [s for s, _ in seen] == sorted(s for s, _ in seen)
     assert err.value.status in (400, 422) and err.value.field == "texts"
+
+
+def test_cli_generate_and_retrieve_with_examples_say_what_they_did(server, tmp_path):
+    url, ctx = server
+    task = ctx.split.unseen[0]
+    args = []
+    for i, p in enumerate(task.pairs[:4]):  # training pairs of the task
+        path = tmp_path / f"e{i}.png"
+        p.image.save(path)
+        args += ["--example", f"{path}={p.caption}"]
+    done = sglora(url, "generate", task.description, "-o", "a.safetensors", *args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "examples    4: " in done.stdout and (tmp_path / "a.safetensors").is_file()
+    _, pairs, paths = image_files(ctx, tmp_path)
+    texts = [x for p in pairs for x in ("--text", p.caption)]
+    done = sglora(url, "retrieve", *map(str, paths), *texts, "--description", task.description, *args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "examples    4: " in done.stdout
+    bad = sglora(url, "generate", task.description, "--example", "missing.png=a caption", cwd=tmp_path)
+    assert bad.returncode != 0 and "--example" in bad.stderr and "missing.png" in bad.stderr

@@ -113,6 +113,35 @@ SeedOpt = Annotated[int, typer.Option("--seed", envvar=_env("seed"), min=0, show
 GateOpt = Annotated[bool, typer.Option("--gate/--no-gate", envvar=_env("gate"), show_default=True,
                                        help="let the server's confidence gate serve zero-shot when no expert is "
                                             "predicted to help; --no-gate: the routed adapter anyway")]
+ExamplesOpt = Annotated[list[str] | None, typer.Option(
+    "--example", "-e", show_default="none: the description alone",
+    help="IMAGE=CAPTION: a pair of the task to refine the adapter on (repeat; 4 or more can change it)")]
+
+
+def parse_examples(values: list[str] | None) -> list[tuple[Path, str]] | None:
+    """--example IMAGE=CAPTION -> (path, caption) pairs, the image checked to exist."""
+    if not values:
+        return None
+    pairs = []
+    for value in values:
+        path, sep, caption = value.partition("=")
+        if not sep or not caption.strip():
+            raise typer.BadParameter(f"{value!r}: expected IMAGE=CAPTION", param_hint="--example")
+        if not Path(path).is_file():
+            raise typer.BadParameter(f"image not found: {path}", param_hint="--example")
+        pairs.append((Path(path), caption))
+    return pairs
+
+
+def refinement_line(refinement: dict[str, Any] | None) -> str | None:
+    """What few-shot examples did to an adapter, in one line (None without examples)."""
+    if not refinement:
+        return None
+    return (f"examples    {refinement['examples']}: {refinement['method']}, {refinement['steps']} steps in "
+            f"{refinement['seconds']:.2f} s, loss {_cell(refinement.get('loss_before'))} -> "
+            f"{_cell(refinement.get('loss_after'))}; {refinement['stop_reason']}")
+
+
 # An Enum, so click lists and checks the choices.
 ExportFormat = Enum("ExportFormat", {name.replace("-", "_"): name for name in FORMATS}, type=str)
 FormatOpt = Annotated[ExportFormat, typer.Option("--format", envvar=_env("format"), show_default=True,
@@ -221,12 +250,15 @@ def generate(
     gate: GateOpt = True,
     num_samples: Annotated[int, typer.Option("--num-samples", envvar=_env("num_samples"), min=1, show_default=True,
                                              help="adapters to sample (sglora); the first is saved")] = 1,
+    example: ExamplesOpt = None,
 ) -> None:
-    """Generate an adapter from a task description, print which experts made it and why, and save it."""
+    """Generate an adapter from a task description (refined on --example pairs when given), print which experts
+    made it and why, and save it."""
     session: Session = ctx.obj
     options = GenerationOptions(strategy, k, tau, seed, gate)
+    examples = parse_examples(example)
     with session.client() as client:
-        info = client.generate(description, num_samples=num_samples, **options.body())
+        info = client.generate(description, num_samples=num_samples, examples=examples, **options.body())
         print_generation(info)
         if info.get("downloadable") is False:  # the server says it could not store the file for download
             raise SGLoRAError(200, f"adapter {info['adapter_id']} was generated but the server could not store it "
@@ -246,6 +278,8 @@ def print_generation(info: dict[str, Any]) -> None:
         typer.echo(f"warning     {coverage['warning']}")
     if info.get("trace") and not info.get("gated"):
         typer.echo(trace_table(info["trace"]))
+    if line := refinement_line(info.get("refinement")):
+        typer.echo(line)
 
 
 @app.command()
@@ -279,15 +313,19 @@ def retrieve(
     tau: TauOpt = None,
     seed: SeedOpt = 0,
     gate: GateOpt = True,
+    example: ExamplesOpt = None,
 ) -> None:
     """Rank the texts for each image and the images for each text, with the adapter of a description (or id)."""
     session: Session = ctx.obj
     options = GenerationOptions(strategy, k, tau, seed, gate)
+    examples = parse_examples(example)
     with session.client() as client, progress_bar(f"uploading {len(images)} images", session.quiet) as report:
         result = client.retrieve(images, text, description=description, adapter_id=adapter_id, top_k=top_k,
-                                 progress=report, **options.body())
+                                 progress=report, examples=examples, **options.body())
     used = result.get("adapter") or {}
     typer.echo(f"adapter: {used.get('source')} {used.get('adapter_id') or ''}".rstrip())
+    if line := refinement_line(used.get("refinement")):
+        typer.echo(line)
     if used.get("gated"):
         typer.echo(f"gated: zero-shot ranking: {used['gated']} (--no-gate: the routed adapter anyway)")
     names = [os.path.basename(str(p)) for p in images]
