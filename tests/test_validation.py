@@ -12,6 +12,7 @@ import torch
 from app.ml.store import load_store, routing_record
 from app.ml.strategies import GenerationRequest, default_strategy, gate_reason, generate_adapters
 from offline import pipeline
+from offline.threads import fixed_threads
 from offline.validate import LOTO, ValidationGrid, validate
 
 ONE_CELL = ValidationGrid(cosine_k=(1,), cosine_tau=(0.05,), gain_k=(1,), gain_tau=(3.0,), router_bandwidth=(0.0,),
@@ -54,7 +55,8 @@ def test_recorded_figure_is_leave_one_task_out_retrieval(store, loto):
     params = store.routing.params_for(name)
     fresh = LOTO(loto.store, loto.backbone, loto.layout, loto.held_out, loto.transfer, loto.phrasings,
                  loto.router_fit)
-    recomputed = fresh.mean_score(name, params["k"], params["tau"], store.routing)
+    with fixed_threads((store.manifest.get("build") or {}).get("threads", 1)):  # the floats the build summed
+        recomputed = fresh.mean_score(name, params["k"], params["tau"], store.routing)
     assert recomputed == pytest.approx(row["loto_mr1"], abs=1e-6)
     task = fresh.tasks[0]
     assert task not in generate_adapters(fresh.fold_store(task, store.routing), name, GenerationRequest(
