@@ -35,21 +35,27 @@ class Gate:
 
     def check(self, coverage: float | None, best_gain: float | None,
               domain_distance: float | None = None) -> str | None:
-        """None when confident; otherwise the reason, phrased for a client."""
+        """None when confident; otherwise every reason that fired, phrased for a client, quoting the coverage (the
+        number X-Coverage reports) whichever check fired."""
+        reasons = []
         if domain_distance is not None and self.max_domain_distance is not None \
                 and domain_distance > self.max_domain_distance:
             fired = self.domain_calibration.get("in_domain_gated")
             share = "" if fired is None else f", which {100 * fired:.0f} % of validated in-domain descriptions exceed"
-            return (f"the description is far from every expert's domain (domain distance {domain_distance:.2f} > "
-                    f"{self.max_domain_distance:.2f}{share})")
-        if coverage is not None and self.min_coverage is not None and coverage < self.min_coverage:
-            return (f"the description is far from every expert in the library (best cosine {coverage:.3f} < "
-                    f"{self.min_coverage:.3f}, the least any validated task had)")
+            reasons.append(f"the description is far from every expert's domain (domain distance "
+                           f"{domain_distance:.2f} > {self.max_domain_distance:.2f}{share})")
+        far = coverage is not None and self.min_coverage is not None and coverage < self.min_coverage
+        if far:
+            reasons.append(f"the description is far from every expert in the library (best cosine {coverage:.3f} < "
+                           f"{self.min_coverage:.3f}, the least any validated task had)")
         if best_gain is not None and best_gain <= self.min_predicted_gain:
-            covered = "" if coverage is None else f"; best cosine {coverage:.3f}"
-            return (f"no expert is predicted to help this task (best predicted gain {best_gain:+.2f} mR@1 points "
-                    f"<= {self.min_predicted_gain:+.2f}{covered})")
-        return None
+            reasons.append(f"no expert is predicted to help this task (best predicted gain {best_gain:+.2f} mR@1 "
+                           f"points <= {self.min_predicted_gain:+.2f})")
+        if not reasons:
+            return None
+        if coverage is not None and not far:
+            reasons.append(f"best cosine {coverage:.3f}")
+        return "; ".join(reasons)
 
 
 @dataclass
