@@ -140,13 +140,14 @@ def test_cli_help_shows_every_option_with_its_help_and_env_var_or_default():
         done = sglora(None, *([name] if name else []), "--help")
         assert done.returncode == 0, done.stderr
         flat = " ".join(re.sub(r"[│╭╮╰╯─]", " ", done.stdout).split())  # rich's panels, wrapping undone
+        flat = flat[flat.index(" Options "):]  # the option panels, not a docstring that names an option
         options = [p for p in command.params if p.param_type_name == "option" and p.name != "help"]
         assert options, name
         starts = [re.search(rf"(?<![\w-]){re.escape(p.opts[0])}(?![\w-])", flat) for p in options]
         assert all(starts), (name, [p.opts[0] for p, m in zip(options, starts, strict=True) if not m])
-        ends = [m.start() for m in starts[1:]] + [len(flat)]
-        for param, start, end in zip(options, starts, ends, strict=True):
-            block = flat[start.start() : end]
+        positions = sorted(m.start() for m in starts) + [len(flat)]  # rich may group options in other panels
+        for param, start in zip(options, starts, strict=True):
+            block = flat[start.start() : positions[positions.index(start.start()) + 1]]
             assert param.help and " ".join(param.help.split()) in block, (name, param.opts, block)
             envvar = f"[env var: {param.envvar}]" if param.envvar else None
             assert (envvar and envvar in block) or "[default: " in block, (name, param.opts, block)
