@@ -50,6 +50,33 @@ def test_entries_live_in_redis_with_a_ttl(served):
     assert redis.get(adapter_key) == r.content and 0 < redis.ttl(adapter_key) <= settings.cache_ttl_s
 
 
+def test_a_hit_extends_the_ids_ttl_and_uploads_the_adapter_only_when_it_is_gone(served, monkeypatch):
+    client, settings, _ = served
+    description = "a photo of a teal cross"
+    first = post(client, description)
+    adapter_key = settings.redis_prefix + "adapter:" + first.headers["x-adapter-id"]
+    redis = redis_client()
+    redis.expire(adapter_key, 60)
+    backend = client.app.state.cache.backend
+    uploads, upload = [], backend.set_many_durably
+
+    async def counted(items, ttl_s):
+        uploads.append(sorted(items))
+        await upload(items, ttl_s)
+
+    monkeypatch.setattr(backend, "set_many_durably", counted)
+    hit = post(client, description)
+    assert hit.headers["x-cache"] == "hit" and hit.headers["x-adapter-id"] == first.headers["x-adapter-id"]
+    assert uploads == []  # the id was still stored: only its TTL moved
+    assert 60 < redis.ttl(adapter_key) <= settings.cache_ttl_s
+    redis.delete(adapter_key)  # evicted behind the service's back: the next hit must store it again
+    again = post(client, description)
+    assert again.headers["x-cache"] == "hit" and again.headers["x-adapter-downloadable"] == "true"
+    assert uploads == [["adapter:" + first.headers["x-adapter-id"]]]
+    assert redis.get(adapter_key) == first.content
+    assert client.get(f"/adapters/{first.headers['x-adapter-id']}").content == first.content
+
+
 def _with_metadata(data: bytes, **changes) -> bytes:
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])

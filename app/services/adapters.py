@@ -124,8 +124,10 @@ class AdapterService:
         entry, status = await self.cache.get_or_create(key, produce, load)
         bind(cache=status, strategy=params.strategy)  # for the request's access line
         primary = entry.adapter
-        # (Re)store sample 0 by id, refreshing its TTL; the promise the response makes depends on it.
-        stored = await self.cache.store_durably(ADAPTER, {primary.adapter_id: primary.data})
+        # (Re)store sample 0 by id, refreshing its TTL; the promise the response makes depends on it. On a hit the id
+        # is usually still stored: its TTL is extended and the bytes are sent only if it is gone.
+        stored = await self.cache.store_durably(ADAPTER, {primary.adapter_id: primary.data},
+                                                keep_existing=status == "hit")
         if not (stored and entry.samples_stored):
             self.metrics.ids_not_stored.inc()
             logger.error("adapter %s could not be stored; the response says it is not downloadable",

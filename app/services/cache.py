@@ -98,6 +98,9 @@ class LRUBackend:
         for key, value in items.items():
             await self.set(key, value, ttl_s)
 
+    async def keep_many_durably(self, items: dict[str, bytes], ttl_s: int) -> None:
+        await self.set_many_durably(items, ttl_s)  # in-process: re-setting a value copies nothing
+
     async def exists_durably(self, keys: list[str]) -> bool:
         return all(await self.get(key) is not None for key in keys)
 
@@ -140,6 +143,18 @@ class RedisBackend:
             for key, value in items.items():
                 pipe.set(self.prefix + key, value, ex=ttl_s)
             await pipe.execute()
+
+    async def keep_many_durably(self, items: dict[str, bytes], ttl_s: int) -> None:
+        """Extend the TTL of the entries still stored and upload only those that are gone (expired or evicted): a
+        cache hit costs one EXPIRE per id instead of sending the adapter (ViT-B/16: ~0.4 MB) to Redis again."""
+        keys = list(items)
+        async with self.durable.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.expire(self.prefix + key, ttl_s)
+            present = await pipe.execute()
+        gone = {key: items[key] for key, kept in zip(keys, present, strict=True) if not kept}
+        if gone:
+            await self.set_many_durably(gone, ttl_s)
 
     async def exists_durably(self, keys: list[str]) -> bool:
         return await self.durable.exists(*(self.prefix + k for k in keys)) == len(keys)
@@ -195,12 +210,15 @@ class Cache:
         except Exception as e:
             self._failed("set", e)
 
-    async def store_durably(self, namespace: str, items: dict[str, bytes]) -> bool:
-        """Write entries that a response promises (adapter ids), degraded or not; True once they are stored."""
+    async def store_durably(self, namespace: str, items: dict[str, bytes], keep_existing: bool = False) -> bool:
+        """Write entries that a response promises (adapter ids), degraded or not; True once they are stored.
+        `keep_existing`: an entry still stored only has its TTL extended (content-addressed ids: same key, same
+        bytes), the rest are written."""
         if not items:
             return True
+        write = self.backend.keep_many_durably if keep_existing else self.backend.set_many_durably
         try:
-            await self.backend.set_many_durably({f"{namespace}:{k}": v for k, v in items.items()}, self.ttl_s)
+            await write({f"{namespace}:{k}": v for k, v in items.items()}, self.ttl_s)
             return True
         except Exception as e:
             self._failed("store", e)
