@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import io
 import itertools
 import os
@@ -41,6 +42,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -96,13 +98,28 @@ class ServerProcess:
     def rss(self) -> int:
         return self.ps.memory_info().rss
 
-    def watch_peak(self, stop: threading.Event, period_s: float = 0.02) -> None:
-        while not stop.is_set():
-            try:
-                self.peak = max(self.peak, self.rss())
-            except psutil.Error:
-                return
-            time.sleep(period_s)
+    @contextlib.contextmanager
+    def peak_rss(self, period_s: float = 0.02) -> Iterator[int]:
+        """Sample the server's RSS every `period_s` while the block runs; yields the RSS before it, leaves the
+        highest sample in `self.peak`."""
+        before = self.peak = self.rss()
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.is_set():
+                try:
+                    self.peak = max(self.peak, self.rss())
+                except psutil.Error:
+                    return
+                time.sleep(period_s)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            yield before
+        finally:
+            stop.set()
+            watcher.join()
 
     def __exit__(self, *exc) -> None:
         self.process.terminate()
@@ -216,15 +233,10 @@ def run_table(store: Path, tree: Path, runner: str, env: dict[str, str], concurr
         with ServerProcess(store, tree, runner, cell_env) as server:
             for workload in workloads:
                 for c in concurrency:
-                    server.peak = server.rss()
-                    stop = threading.Event()
-                    watcher = threading.Thread(target=server.watch_peak, args=(stop,), daemon=True)
-                    watcher.start()
-                    before = _server_counts(server.url)
-                    result = asyncio.run(_drive(server.url, workload, c, seconds, timeout_s))
-                    after = _server_counts(server.url)
-                    stop.set()
-                    watcher.join()
+                    with server.peak_rss():
+                        before = _server_counts(server.url)
+                        result = asyncio.run(_drive(server.url, workload, c, seconds, timeout_s))
+                        after = _server_counts(server.url)
                     rows.append({"workload": workload, "concurrency": c, "batching": batching,
                                  "peak_rss_mb": server.peak / 2**20, **result,
                                  **{k: after[k] - before[k] for k in after}})
@@ -260,19 +272,13 @@ def memory_probe(store: Path, tree: Path, runner: str, env: dict[str, str], imag
     body = {"images": [_png_b64(side, (200, 30, 30))] * images, "texts": ["a red square", "a blue circle"]}
     with ServerProcess(store, tree, runner, env) as server:
         time.sleep(1.0)
-        before = server.rss()
-        server.peak = before
-        stop = threading.Event()
-        watcher = threading.Thread(target=server.watch_peak, args=(stop,), daemon=True)
-        watcher.start()
-        cpu0 = sum(server.ps.cpu_times()[:2])
-        t0 = time.perf_counter()
-        r = httpx.post(server.url + "/retrieve", json=body, timeout=600)
-        seconds = time.perf_counter() - t0
-        cpu = sum(server.ps.cpu_times()[:2]) - cpu0
-        time.sleep(after_s)
-        stop.set()
-        watcher.join()
+        with server.peak_rss() as before:
+            cpu0 = sum(server.ps.cpu_times()[:2])
+            t0 = time.perf_counter()
+            r = httpx.post(server.url + "/retrieve", json=body, timeout=600)
+            seconds = time.perf_counter() - t0
+            cpu = sum(server.ps.cpu_times()[:2]) - cpu0
+            time.sleep(after_s)
         return {"status": r.status_code, "body": r.text[:200] if r.status_code != 200 else "", "seconds": seconds,
                 "cpu_s": cpu, "before_mb": before / 2**20, "peak_mb": server.peak / 2**20,
                 "after_mb": server.rss() / 2**20, "threads": server.ps.num_threads(),
@@ -320,17 +326,11 @@ def bodies_probe(store: Path, tree: Path, runner: str, env: dict[str, str], clie
     body = _big_body(megabytes)
     with ServerProcess(store, tree, runner, env) as server:
         time.sleep(1.0)
-        before = server.rss()
-        server.peak = before
-        stop = threading.Event()
-        watcher = threading.Thread(target=server.watch_peak, args=(stop,), daemon=True)
-        watcher.start()
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(clients) as pool:
-            results = list(pool.map(lambda _: _upload(server.port, body, timeout_s), range(clients)))
-        seconds = time.perf_counter() - t0
-        stop.set()
-        watcher.join()
+        with server.peak_rss() as before:
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(clients) as pool:
+                results = list(pool.map(lambda _: _upload(server.port, body, timeout_s), range(clients)))
+            seconds = time.perf_counter() - t0
     statuses = sorted({r["status"] for r in results})
     return {"clients": clients, "body_mb": len(body) / 2**20, "seconds": seconds,
             "before_mb": before / 2**20, "growth_mb": (server.peak - before) / 2**20,

@@ -144,6 +144,8 @@ def refinement_line(refinement: dict[str, Any] | None) -> str | None:
 
 # An Enum, so click lists and checks the choices.
 ExportFormat = Enum("ExportFormat", {name.replace("-", "_"): name for name in FORMATS}, type=str)
+OutputOpt = Annotated[Path | None, typer.Option("--output", "-o", show_default="<adapter id>.<format extension>",
+                                              help="file to write")]
 FormatOpt = Annotated[ExportFormat, typer.Option("--format", envvar=_env("format"), show_default=True,
                                         help="file format: the adapter (open_clip names), a PEFT folder (zip) for "
                                              "Hugging Face CLIPModel, or the base model with the adapter merged")]
@@ -240,8 +242,7 @@ def _save(session: Session, client: SGLoRAClient, adapter_id: str, output: Path 
 def generate(
     ctx: typer.Context,
     description: Annotated[str, typer.Argument(help="one line describing the task, e.g. 'a photo of a green star'")],
-    output: Annotated[Path | None, typer.Option("--output", "-o", show_default="<adapter id>.<format extension>",
-                                                help="file to write")] = None,
+    output: OutputOpt = None,
     fmt: FormatOpt = ExportFormat("safetensors"),
     strategy: StrategyOpt = None,
     k: KOpt = None,
@@ -286,8 +287,7 @@ def print_generation(info: dict[str, Any]) -> None:
 def download(
     ctx: typer.Context,
     adapter_id: Annotated[str, typer.Argument(help="the id a generation printed (sha256 of the adapter file)")],
-    output: Annotated[Path | None, typer.Option("--output", "-o", show_default="<adapter id>.<format extension>",
-                                                help="file to write")] = None,
+    output: OutputOpt = None,
     fmt: FormatOpt = ExportFormat("safetensors"),
 ) -> None:
     """Download a generated adapter by id, in any format (while the server keeps it: SGLORA_CACHE_TTL_S)."""
