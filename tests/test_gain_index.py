@@ -125,3 +125,31 @@ def test_on_the_tiny_store_the_served_ranking_is_the_exhaustive_one(tiny_build) 
         assert abs(float(best_cos[0]) - float((bank.embeddings[keep] @ query).max())) < 1e-5
         best_gain = route_by_gain_index(bank, index, query, 1, exclude)[1][0]
         assert abs(best_gain - gains_e[keep].max()) < 1e-9
+
+
+def test_the_gate_reuses_the_transfer_routed_priors_search_and_decides_the_same(tiny_build, monkeypatch) -> None:
+    """One gain-index search per transfer-routed generation (the gate takes the prior's top gain), and the gate's
+    decision is the one its own search would give, in-domain and out of domain."""
+    from app.ml.backbone import load_backbone
+    from app.ml.store import load_store
+    from app.ml.strategies import GenerationRequest, coverage, default_strategy, gate_reason, generate_adapters
+    from offline.train_experts import describe
+
+    store = load_store(tiny_build.out)
+    backbone = load_backbone(store.base_model["name"], store.base_pretrained(), "cpu")
+    searches = []
+    top = GainIndex.top
+    monkeypatch.setattr(GainIndex, "top", lambda self, *a, **kw: searches.append(1) or top(self, *a, **kw))
+    texts = [task.description for task in tiny_build.split.unseen] + ["a chest x-ray", "a photo of a dog"]
+    decisions = []
+    for text in texts:
+        query = describe(backbone, [text])[0].numpy()
+        for strategy in {"transfer_routed", default_strategy(store)}:
+            searches.clear()
+            generation = generate_adapters(store, strategy, GenerationRequest(query=query, seed=0))
+            if strategy == "transfer_routed":
+                assert len(searches) == 1
+            alone = gate_reason(store, query, (), coverage(store.bank, query))
+            assert generation.gated == alone
+            decisions.append(alone is None)
+    assert any(decisions) and not all(decisions)  # both outcomes were checked
