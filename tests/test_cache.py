@@ -8,6 +8,7 @@ import json
 import struct
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -15,8 +16,8 @@ import redis.asyncio as aioredis
 
 from app.core.metrics import Metrics
 from app.services import adapters as adapters_module
-from app.services.cache import Cache, LRUBackend, cache_key
-from tests.test_service_support import CLOSED_PORT_URL, metric, png_b64, redis_client, serving, settings_for
+from app.services.cache import Cache, LRUBackend, RedisBackend, cache_key
+from tests.test_service_support import CLOSED_PORT_URL, REDIS_URL, metric, png_b64, redis_client, serving, settings_for
 
 
 @pytest.fixture(scope="module")
@@ -212,6 +213,30 @@ def test_cache_key_normalises_the_description_and_covers_every_parameter():
     for change in ({"description": "a photo of a dog"}, {"strategy": "topk_weighted"}, {"k": 3}, {"tau": 0.1},
                    {"seed": 1}, {"num_samples": 2}, {"store_version": "v2"}):
         assert cache_key(**(base | change)) != key, change
+
+
+def test_more_calls_in_flight_than_pooled_connections_wait_for_one_instead_of_failing():
+    """Every call starts before any reply can arrive (the loop polls sockets only once the ready tasks have run), so
+    20 calls on a 2-connection pool are 18 past its bound: they wait for a free connection. A pool that refused
+    them would count cache errors and put the cache in backoff, turning hits into generations."""
+    prefix = f"sglora-test:{uuid.uuid4().hex[:8]}:"
+
+    async def scenario():
+        backend = RedisBackend(REDIS_URL, prefix, socket_timeout_s=5.0, connect_timeout_s=5.0, max_connections=2)
+        cache = Cache(backend, Metrics(), ttl_s=60)
+        try:
+            assert await cache.store_durably("adapter", {"one": b"1"})
+            got = await asyncio.gather(*(cache.get("adapter", "one") for _ in range(20)),
+                                       *(cache.store_durably("adapter", {"one": b"1"}, keep_existing=True)
+                                         for _ in range(20)))
+            assert got == [b"1"] * 20 + [True] * 20
+            assert not cache.degraded
+            assert backend.client.connection_pool.max_connections == 2
+        finally:
+            await backend.client.delete(prefix + "adapter:one")
+            await backend.close()
+
+    asyncio.run(scenario())
 
 
 def test_lru_backend_is_bounded_and_expires():

@@ -49,6 +49,10 @@ class Settings(BaseSettings):
         "and a shorter timeout fails a Redis that answered in time"
     )
     redis_connect_timeout_s: float = Field(0.25, gt=0)
+    redis_max_connections: int = Field(
+        64, ge=1, description="connections per Redis pool (two pools: cache look-ups and adapter ids); a call "
+        "beyond it waits for a free one, up to the socket timeout"
+    )
     redis_backoff_s: float = Field(
         2.0, ge=0, description="after a Redis error, skip Redis for this long (requests go on as cache misses)"
     )
