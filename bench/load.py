@@ -14,8 +14,10 @@ at each concurrency, once with micro-batching off and once on (SGLORA_BATCH_WIND
 Each row: goodput (answered 200s per second) and its share of the best goodput of that workload, latency
 p50/p95/p99 of the answered requests, the share shed (503) and the 503s' median latency, other errors (timeouts
 count here), the slowest /health/live answer meanwhile (event-loop stalls), the server's event-loop lag samples
-over 100 ms and Redis errors (time-outs among them) from its /metrics, its peak resident memory, and goodput as a
-ratio to the unbatched run of the same cell (the baseline, measured in the same run).
+over 100 ms and Redis errors (time-outs among them) from its /metrics, its peak resident memory, goodput as a
+ratio to the unbatched run of the same cell (the baseline, measured in the same run), and the CPU time per answered
+request (200 or 503) of the server and of this process's clients: the clients share the server's cores, so a cell
+whose server CPU per request stays flat while goodput falls is limited by the machine, not by the server.
 
 `--memory` instead measures one /retrieve of 64 solid-colour 4096x4096 PNGs (the issue's amplification case):
 resident memory before, at its peak and 10 s after, threads, and the request's time and status. `--bodies 40`
@@ -62,7 +64,8 @@ def _free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, store: Path, tree: Path, runner: str, env: dict[str, str], redis_url: str = DEFAULT_REDIS):
+    def __init__(self, store: Path, tree: Path, runner: str, env: dict[str, str], redis_url: str = DEFAULT_REDIS,
+                 log: Path | None = None):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.prefix = f"sglora-bench:{uuid.uuid4().hex[:8]}:"
@@ -77,10 +80,13 @@ class ServerProcess:
         else:
             self.cmd = [sys.executable, "-m", "app", "--port", str(self.port)]
         self.tree = tree
+        self.log = log  # where the server's output goes (appended); None: discarded
 
     def __enter__(self) -> ServerProcess:
-        self.process = subprocess.Popen(self.cmd, cwd=self.tree, env=self.env, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
+        out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115 (the child owns it)
+        self.process = subprocess.Popen(self.cmd, cwd=self.tree, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        if self.log:
+            out.close()
         self.ps = psutil.Process(self.process.pid)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
@@ -158,54 +164,63 @@ def _requests(workload: str):
     return itertools.repeat(("/retrieve", body))
 
 
-async def _drive(url: str, workload: str, concurrency: int, seconds: float, timeout_s: float) -> dict:
+async def _drive(url: str, workload: str, concurrency: int, seconds: float, timeout_s: float,
+                 server: psutil.Process) -> dict:
     supply = _requests(workload)
     latencies, statuses, refusals = [], [], []
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout_s) as client:
-        if workload == "cached":  # the one miss happens before the clock starts
-            path, body = next(supply)
+    if workload == "cached":  # the one miss happens before the clock starts
+        path, body = next(supply)
+        async with httpx.AsyncClient(base_url=url, timeout=timeout_s) as client:
             await client.post(path, json=body)
-        end = time.perf_counter() + seconds
 
-        async def one_client() -> None:
+    async def one_client(client: httpx.AsyncClient) -> None:
+        while time.perf_counter() < end:
+            path, body = next(supply)
+            t0 = time.perf_counter()
+            try:
+                r = await client.post(path, json=body)  # a 503's Retry-After is ignored: at once again
+                statuses.append(r.status_code)
+                if r.status_code == 200:
+                    latencies.append(time.perf_counter() - t0)
+                elif r.status_code == 503:
+                    refusals.append(time.perf_counter() - t0)
+            except httpx.HTTPError:
+                statuses.append(0)
+
+    probes = []
+
+    async def liveness_probe() -> None:
+        # Event-loop health under load: /health/live does no work, so its latency is time spent waiting
+        # for the loop (a separate connection, as a kubelet's probe would use).
+        async with httpx.AsyncClient(base_url=url, timeout=timeout_s) as probe:
             while time.perf_counter() < end:
-                path, body = next(supply)
-                t0 = time.perf_counter()
+                t = time.perf_counter()
                 try:
-                    r = await client.post(path, json=body)  # a 503's Retry-After is ignored: at once again
-                    statuses.append(r.status_code)
-                    if r.status_code == 200:
-                        latencies.append(time.perf_counter() - t0)
-                    elif r.status_code == 503:
-                        refusals.append(time.perf_counter() - t0)
+                    await probe.get("/health/live")
+                    probes.append(time.perf_counter() - t)
                 except httpx.HTTPError:
-                    statuses.append(0)
+                    probes.append(timeout_s)
+                await asyncio.sleep(0.1)
 
-        probes = []
-
-        async def liveness_probe() -> None:
-            # Event-loop health under load: /health/live does no work, so its latency is time spent waiting
-            # for the loop (a separate connection, as a kubelet's probe would use).
-            async with httpx.AsyncClient(base_url=url, timeout=timeout_s) as probe:
-                while time.perf_counter() < end:
-                    t = time.perf_counter()
-                    try:
-                        await probe.get("/health/live")
-                        probes.append(time.perf_counter() - t)
-                    except httpx.HTTPError:
-                        probes.append(timeout_s)
-                    await asyncio.sleep(0.1)
-
-        t0 = time.perf_counter()
-        await asyncio.gather(liveness_probe(), *(one_client() for _ in range(concurrency)))
-        wall = time.perf_counter() - t0
+    async with contextlib.AsyncExitStack() as stack:
+        # One connection per client, each in its own httpx client, made before the clock starts: a shared pool of
+        # N connections costs client CPU that grows with N on every request (measured: 1.6 ms per request at 8
+        # connections, 4-5 ms at 128-256), and the clients share the server's cores.
+        clients = [await stack.enter_async_context(
+            httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=1), timeout=timeout_s))
+            for _ in range(concurrency)]
+        end = time.perf_counter() + seconds
+        t0, cpu0 = time.perf_counter(), (_cpu_seconds(server), _cpu_seconds(psutil.Process()))
+        await asyncio.gather(liveness_probe(), *(one_client(c) for c in clients))
+        wall, cpu1 = time.perf_counter() - t0, (_cpu_seconds(server), _cpu_seconds(psutil.Process()))
     ok = len(latencies)
     q = statistics.quantiles(latencies, n=100) if ok >= 2 else [latencies[0] if ok else float("nan")] * 99
     refused_p50 = statistics.median(refusals) if refusals else float("nan")
     return {"rps": ok / wall, "p50": q[49], "p95": q[94], "p99": q[98], "n": len(statuses), "p50_503": refused_p50,
             "shed": statuses.count(503) / max(1, len(statuses)),
-            "errors": sum(1 for s in statuses if s not in (200, 503)), "live_max": max(probes, default=float("nan"))}
+            "errors": sum(1 for s in statuses if s not in (200, 503)), "live_max": max(probes, default=float("nan")),
+            "server_cpu_ms": 1000 * (cpu1[0] - cpu0[0]) / max(1, len(statuses)),
+            "client_cpu_ms": 1000 * (cpu1[1] - cpu0[1]) / max(1, len(statuses))}
 
 
 def _server_counts(url: str) -> dict[str, float]:
@@ -224,18 +239,24 @@ def _server_counts(url: str) -> dict[str, float]:
     return counts
 
 
+def _cpu_seconds(process: psutil.Process) -> float:
+    """CPU time a process has used, all its threads, user + system."""
+    times = process.cpu_times()
+    return times.user + times.system
+
+
 def run_table(store: Path, tree: Path, runner: str, env: dict[str, str], concurrency: list[int], seconds: float,
               window_ms: float, timeout_s: float, workloads: list[str] = WORKLOADS,
-              batchings: tuple[bool, ...] = (False, True)) -> list[dict]:
+              batchings: tuple[bool, ...] = (False, True), log: Path | None = None) -> list[dict]:
     rows = []
     for batching in batchings:
         cell_env = env | {"SGLORA_BATCH_WINDOW_MS": str(window_ms if batching else 0)}
-        with ServerProcess(store, tree, runner, cell_env) as server:
+        with ServerProcess(store, tree, runner, cell_env, log=log) as server:
             for workload in workloads:
                 for c in concurrency:
                     with server.peak_rss():
                         before = _server_counts(server.url)
-                        result = asyncio.run(_drive(server.url, workload, c, seconds, timeout_s))
+                        result = asyncio.run(_drive(server.url, workload, c, seconds, timeout_s, server.ps))
                         after = _server_counts(server.url)
                     rows.append({"workload": workload, "concurrency": c, "batching": batching,
                                  "peak_rss_mb": server.peak / 2**20, **result,
@@ -257,13 +278,14 @@ def run_table(store: Path, tree: Path, runner: str, env: dict[str, str], concurr
 def table(rows: list[dict]) -> str:
     lines = ["| workload | conc. | batching | goodput req/s | of best | ratio vs unbatched | p50 ms | p95 ms | p99 ms "
              "| shed 503 | 503 p50 ms | other errors | requests | /health/live max ms | loop lag > 100 ms "
-             "| Redis errors | peak RSS MiB |", "|" + "---|" * 17]
+             "| Redis errors | peak RSS MiB | server CPU ms/request | client CPU ms/request |", "|" + "---|" * 19]
     for r in sorted(rows, key=lambda r: (WORKLOADS.index(r["workload"]), r["concurrency"], r["batching"])):
         lines.append(f"| {r['workload']} | {r['concurrency']} | {'on' if r['batching'] else 'off'} "
                      f"| {r['rps']:.1f} | {r['of_best']:.2f} | {r['ratio']:.2f} | {1000 * r['p50']:.0f} "
                      f"| {1000 * r['p95']:.0f} | {1000 * r['p99']:.0f} | {100 * r['shed']:.1f}% "
                      f"| {1000 * r['p50_503']:.0f} | {r['errors']} | {r['n']} | {1000 * r['live_max']:.0f} "
-                     f"| {r['lag_over_100ms']:.0f} | {r['redis_errors']:.0f} | {r['peak_rss_mb']:.0f} |")
+                     f"| {r['lag_over_100ms']:.0f} | {r['redis_errors']:.0f} | {r['peak_rss_mb']:.0f} "
+                     f"| {r['server_cpu_ms']:.2f} | {r['client_cpu_ms']:.2f} |")
     return "\n".join(lines)
 
 
@@ -364,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--body-mb", type=float, default=30.0, help="size of each --bodies upload (MiB)")
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--batching", default="off,on", help="off, on, or off,on")
+    parser.add_argument("--server-log", type=Path, default=None,
+                        help="append the server's log (JSON lines, warnings and up) here instead of discarding it")
     parser.add_argument("--redis-url", default=DEFAULT_REDIS, help="the Redis the server uses (and the bench cleans)")
     args = parser.parse_args(argv)
     env = {"SGLORA_REDIS_URL": args.redis_url} | dict(kv.split("=", 1) for kv in args.env)
@@ -389,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     concurrency = [int(c) for c in args.concurrency.split(",")]
     batchings = tuple(b == "on" for b in args.batching.split(","))
     rows = run_table(args.store, args.tree.resolve(), args.runner, env, concurrency, args.seconds, args.window_ms,
-                     args.timeout, args.workloads.split(","), batchings)
+                     args.timeout, args.workloads.split(","), batchings, args.server_log)
     print(table(rows))
     print(f"machine at end: {_machine()}")
     return 0
