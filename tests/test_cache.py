@@ -78,6 +78,35 @@ def test_a_hit_extends_the_ids_ttl_and_uploads_the_adapter_only_when_it_is_gone(
     assert client.get(f"/adapters/{first.headers['x-adapter-id']}").content == first.content
 
 
+def test_a_miss_admission_would_refuse_is_refused_before_the_shared_lock_and_a_hit_is_still_served(served,
+                                                                                                   monkeypatch):
+    """Overload forced: every model slot taken and no queue. The refused miss must not take the generation lock (its
+    round trips are most of what a refusal costs), and a hit, which needs no model slot, is still answered."""
+    client, _, _ = served
+    post(client, "a photo of a lime star")  # cached before the overload
+    backend, admission = client.app.state.cache.backend, client.app.state.admission
+    locks, lock = [], backend.lock
+
+    def counted_lock(name, ttl_s):
+        locks.append(name)
+        return lock(name, ttl_s)
+
+    monkeypatch.setattr(backend, "lock", counted_lock)
+    held, queue = admission._held, admission.queue
+    admission._held, admission.queue = admission.limit, 0
+    try:
+        refused = client.post("/generate-lora", json={"description": "a photo of a never seen lime ring",
+                                                      "strategy": "topk_weighted", "k": 4, "tau": 0.05})
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
+        assert "at its limit" in refused.json()["error"]["message"]
+        assert locks == []
+        assert post(client, "a photo of a lime star").headers["x-cache"] == "hit"
+    finally:
+        admission._held, admission.queue = held, queue
+    assert post(client, "a photo of a never seen lime ring").headers["x-cache"] == "miss"
+    assert len(locks) == 1
+
+
 def _with_metadata(data: bytes, **changes) -> bytes:
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])

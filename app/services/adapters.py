@@ -121,7 +121,10 @@ class AdapterService:
                 return None
             return _Entry(primary, True)
 
-        entry, status = await self.cache.get_or_create(key, produce, load)
+        # A miss that admission would refuse now is refused before the cache's lock round trips: under overload,
+        # clients that ignore Retry-After send refusals by the hundred, and each must cost far less than a generation.
+        entry, status = await self.cache.get_or_create(key, produce, load,
+                                                       self.admission.check if slot is None else None)
         bind(cache=status, strategy=params.strategy)  # for the request's access line
         primary = entry.adapter
         # (Re)store sample 0 by id, refreshing its TTL; the promise the response makes depends on it. On a hit the id

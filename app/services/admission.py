@@ -153,6 +153,15 @@ class Admission:
                                      f"{self.wait_s:g}s a request may wait; retry shortly")
         return None
 
+    def check(self) -> None:
+        """Overloaded now if a request arriving now would be refused: lets a caller refuse before the work that
+        precedes admission (a cache miss's shared lock and second read) instead of after it."""
+        refused = self.refusal()
+        if refused is not None:
+            reason, message = refused
+            self.metrics.shed.labels(reason).inc()
+            raise Overloaded(message)
+
     def _publish(self) -> None:
         self.metrics.work_running.set(self._held)
         self.metrics.work_waiting.set(len(self._waiters))
@@ -164,11 +173,8 @@ class Admission:
             self._held += 1
             self._publish()
             return
-        refused = self.refusal() if bounded else None
-        if refused is not None:
-            reason, message = refused
-            self.metrics.shed.labels(reason).inc()
-            raise Overloaded(message)
+        if bounded:
+            self.check()
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         self._publish()

@@ -248,9 +248,12 @@ class Cache:
             return False
 
     async def get_or_create(self, key: str, produce: Callable[[], Awaitable[tuple[bytes, T]]],
-                            load: Callable[[bytes], Awaitable[T | None]]) -> tuple[T, str]:
+                            load: Callable[[bytes], Awaitable[T | None]],
+                            before_producing: Callable[[], None] | None = None) -> tuple[T, str]:
         """(item, "hit" | "miss"): the cached value loaded by `load` (None: unusable), else `produce()`'s item,
         whose bytes are then cached. Each value is loaded (parsed) once per call, never twice.
+        `before_producing()` runs on a miss before anything else is done for it (the shared lock, the second read)
+        and may raise to refuse the request there.
 
         Concurrent calls for one key while the first is producing wait for its item and report "hit"
         (they generated nothing); `sglora_cache_coalesced_total` counts them.
@@ -276,6 +279,8 @@ class Cache:
                 self.metrics.cache_hits.labels(self.backend.name).inc()
                 status = "hit"
             else:
+                if before_producing is not None:
+                    before_producing()
                 item, status = await self._produce_once_across_replicas(key, produce, load)
             future.set_result((item, status))
             return item, status
