@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 from fastapi import Depends, FastAPI
@@ -32,6 +33,7 @@ from app.core.loop_lag import watch_loop_lag
 from app.core.memory import limit_arenas
 from app.core.metrics import Metrics
 from app.core.middleware import BodyLimitMiddleware, DeadlineMiddleware, RequestMiddleware
+from app.ml.threads import threads_per_slot, use_threads
 from app.services.adapters import AdapterService
 from app.services.admission import Admission, BodyBudget
 from app.services.batching import MicroBatcher
@@ -80,8 +82,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         # The cache (its Redis connections) belongs to the serving event loop: made here, closed at shutdown.
         cache = make_cache(settings, metrics)
+        work_threads = threads_per_slot(settings.work_threads, settings.max_concurrent_work)
         admission = Admission(settings.max_concurrent_work, settings.max_queued_work, settings.queue_wait_s,
-                              settings.decode_workers, metrics)
+                              settings.decode_workers, metrics, partial(use_threads, work_threads))
         batcher = None
         if settings.batch_window_ms > 0:
             batcher = MicroBatcher(engine, settings.batch_window_ms / 1000, settings.batch_max_items,

@@ -199,3 +199,22 @@ def test_the_body_budget_bounds_bytes_across_requests():
     budget.release(60)
     assert budget.used == 40 and budget.reserve(0)
     assert budget.metrics.shed.labels("body_budget")._value.get() == 1
+
+
+def test_model_threads_use_the_configured_cpu_threads_and_the_default_divides_the_cores(tiny_build):
+    import torch
+
+    from app.ml.threads import available_cores, threads_per_slot
+    from tests.test_service_support import serving, settings_for
+
+    assert threads_per_slot(3, slots=2) == 3
+    assert threads_per_slot(None, slots=1) == available_cores()
+    assert threads_per_slot(None, slots=available_cores() + 1) == 1  # never zero
+    before = torch.get_num_threads()
+    configured = before + 2  # not what threads get without the setting
+    try:
+        with serving(settings_for(tiny_build.out, work_threads=configured, max_concurrent_work=2)) as client:
+            pool = client.app.state.admission.model_pool
+            assert [pool.submit(torch.get_num_threads).result() for _ in range(4)] == [configured] * 4
+    finally:
+        torch.set_num_threads(before)  # the count torch gives threads started later in this process

@@ -48,7 +48,10 @@ class Settings(BaseSettings):
         "event loop, so it includes the loop's own queue: at 100+ connections that alone reaches a few hundred ms, "
         "and a shorter timeout fails a Redis that answered in time"
     )
-    redis_connect_timeout_s: float = Field(0.25, gt=0)
+    redis_connect_timeout_s: float = Field(
+        1.0, gt=0, description="like the socket timeout, timed on the event loop: at 0.25 s a burst of 256 requests "
+        "opening the pool's connections at once failed 64 connects to a Redis that was up"
+    )
     redis_max_connections: int = Field(
         64, ge=1, description="connections per Redis pool (two pools: cache look-ups and adapter ids); a call "
         "beyond it waits for a free one, up to the socket timeout"
@@ -86,6 +89,8 @@ class Settings(BaseSettings):
 
     # --- load ---------------------------------------------------------------------------------------------
     max_concurrent_work: int = Field(2, ge=1, description="requests doing model work at once (threads)")
+    work_threads: int | None = Field(None, ge=1, description="CPU threads (torch intra-op) each of those uses; "
+                                     "unset: the process's cores divided by max_concurrent_work, at least 1")
     max_queued_work: int = Field(256, ge=0, description="requests that may wait for a slot; beyond: 503")
     queue_wait_s: float = Field(5.0, ge=0, description="longest wait for a slot; a request whose expected wait "
                                 "(measured service time x its place in the queue) is longer gets a 503 at once")

@@ -123,9 +123,11 @@ class BodyBudget:
 
 
 class Admission:
-    def __init__(self, limit: int, queue: int, wait_s: float, decode_workers: int, metrics: Metrics):
+    def __init__(self, limit: int, queue: int, wait_s: float, decode_workers: int, metrics: Metrics,
+                 model_thread_init: Callable[[], None] | None = None):
         self.limit, self.queue, self.wait_s, self.metrics = limit, queue, wait_s, metrics
-        self.model_pool = ThreadPoolExecutor(limit, thread_name_prefix="sglora-model")
+        # model_thread_init: run on each model thread as it starts (its CPU thread count: app/ml/threads.py)
+        self.model_pool = ThreadPoolExecutor(limit, thread_name_prefix="sglora-model", initializer=model_thread_init)
         self.decode_pool = ThreadPoolExecutor(decode_workers, thread_name_prefix="sglora-decode")
         self._held = 0
         self._waiters: list[asyncio.Future] = []  # FIFO of requests waiting for a slot
