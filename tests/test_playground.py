@@ -160,3 +160,50 @@ def test_playground_in_headless_chromium(tiny_build, tmp_path):
             page.unroute("**/generate-lora")
         finally:
             browser.close()
+
+
+def test_playground_refines_on_example_images_with_their_captions(tiny_build, tmp_path):
+    """Examples from an unseen task's TRAINING pairs: a missing caption is the server's 422 naming the field; with
+    every caption typed, the response's refinement (what the examples did) is shown."""
+    sync_playwright = browser_or_skip()
+    task = tiny_build.split.unseen[0]
+    pairs = task.pairs[:4]
+    files = []
+    for i, p in enumerate(pairs):
+        files.append(tmp_path / f"example{i}.png")
+        p.image.save(files[-1])
+    with threaded_server(settings_for(tiny_build.out, redis_url=None)) as (_, _, url), sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 1000})
+            page.set_default_timeout(60_000)
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url + "/playground/")
+            page.wait_for_selector("#strategy[data-loaded]")
+            page.fill("#description", task.description)
+            page.click("#examples-box summary")
+            page.set_input_files("#example-images", [str(f) for f in files])
+            captions = page.locator("#example-list .example-caption")
+            assert captions.count() == 4
+            for i, p in enumerate(pairs[:3]):  # the last caption left empty
+                captions.nth(i).fill(p.caption)
+            page.click("#generate")
+            page.wait_for_selector("#error:not([hidden])")
+            assert "HTTP 422" in page.inner_text("#error") and "examples" in page.inner_text("#error")
+            assert page.locator("#refinement").is_hidden()
+
+            captions.nth(3).fill(pairs[3].caption)
+            with page.expect_request("**/generate-lora") as sent:
+                page.click("#generate")
+            body = json.loads(sent.value.post_data)
+            assert [e["caption"] for e in body["examples"]] == [p.caption for p in pairs]
+            assert all(e["image"].startswith("data:image/png;base64,") for e in body["examples"])
+            page.wait_for_selector("#refinement:not([hidden])", timeout=60_000)
+            shown = page.inner_text("#refinement")
+            assert "What the examples did" in shown and "examples: 4" in shown and "loss before" in shown
+            assert page.locator("#error").is_hidden() and page.inner_text("#status").startswith("adapter ")
+            page.screenshot(path=str(tmp_path / "playground-examples.png"), full_page=True)
+            assert not errors
+        finally:
+            browser.close()

@@ -8,7 +8,7 @@
 
 const API = new URL("../", window.location.href); // the API root, also behind a path prefix
 const $ = (id) => document.getElementById(id);
-const state = { adapterId: null, gated: null, description: null, files: [], urls: [] };
+const state = { adapterId: null, gated: null, description: null, files: [], urls: [], examples: [] };
 
 function headers(extra = {}) {
   const key = $("api-key").value.trim();
@@ -151,27 +151,58 @@ function renderDownloads(result) {
   $("downloads").hidden = false;
 }
 
+function renderRefinement(refinement) {
+  // What the examples did, every field the server sends (loss before/after, steps, whether it stopped early, ...).
+  if (!refinement) return;
+  $("refinement").replaceChildren(el("h3", {}, "What the examples did"), ...Object.entries(refinement)
+    .map(([k, v]) => el("div", { class: "scalar" }, `${k.replace(/_/g, " ")}: ${fmt(v)}`)));
+  $("refinement").hidden = false;
+}
+
 function clearGeneration() {
   // Everything the last answer showed, and the adapter id ranking would use: an error must not leave them behind.
   state.adapterId = null;
   state.gated = null;
-  for (const id of ["coverage", "gated", "experts", "chart", "downloads"]) {
+  for (const id of ["refinement", "coverage", "gated", "experts", "chart", "downloads"]) {
     $(id).hidden = true;
     $(id).replaceChildren();
   }
 }
 
-function generationBody(overrides = {}) {
-  // The request's fields from the form; a new input (e.g. example images) adds its field here.
+const dataUrl = (file) => new Promise((resolve, reject) => {
+  const reader = new FileReader();
+  reader.onload = () => resolve(reader.result); // "data:image/png;base64,...": the API accepts the prefix
+  reader.onerror = () => reject(reader.error);
+  reader.readAsDataURL(file);
+});
+
+function setExamples(files) {
+  state.examples.forEach((x) => URL.revokeObjectURL(x.url));
+  state.examples = Array.from(files).filter((f) => f.type.startsWith("image/"))
+    .map((file) => ({ file, url: URL.createObjectURL(file) }));
+  $("example-list").replaceChildren(...state.examples.map((x, i) => el("figure", { class: "example" },
+    el("img", { src: x.url, alt: x.file.name }),
+    el("input", { type: "text", class: "example-caption", "aria-label": `caption of example ${i}`,
+                  placeholder: `caption of ${x.file.name}` }))));
+}
+
+async function generationBody(overrides = {}) {
+  // The request's fields from the form. Captions are sent as typed: the server says which one is missing.
   const body = { description: $("description").value.trim(), seed: Number($("seed").value || 0) };
   if ($("strategy").value) body.strategy = $("strategy").value;
   if ($("k").value) body.k = Number($("k").value);
+  if (state.examples.length) {
+    const captions = Array.from(document.querySelectorAll("#example-list .example-caption"), (c) => c.value.trim());
+    body.examples = await Promise.all(state.examples.map(async (x, i) =>
+      ({ image: await dataUrl(x.file), caption: captions[i] })));
+  }
   return { ...body, ...overrides };
 }
 
 function showGeneration(result) {
   state.adapterId = result.adapter_id;
   state.gated = result.gated || null;
+  renderRefinement(result.refinement);
   renderCoverage(result.coverage);
   if (result.gated) {
     renderGated(result);
@@ -188,10 +219,10 @@ async function generate(event, overrides = {}) {
   if (event) event.preventDefault();
   showError(null);
   clearGeneration();
-  const body = generationBody(overrides);
   $("generate").disabled = true;
   status("generating…");
   try {
+    const body = await generationBody(overrides);
     const result = await call("generate-lora", {
       method: "POST", body: JSON.stringify(body),
       headers: headers({ "Content-Type": "application/json", Accept: "application/json" }),
@@ -306,6 +337,7 @@ $("generate-form").addEventListener("submit", (e) => generate(e));
 $("description").addEventListener("input", () => { state.adapterId = null; state.gated = null; });
 loadStrategies().catch(showError);
 $("images").addEventListener("change", (e) => setFiles(e.target.files));
+$("example-images").addEventListener("change", (e) => setExamples(e.target.files));
 $("rank").addEventListener("click", rank);
 const drop = $("drop");
 drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
