@@ -74,8 +74,12 @@ def test_cli_generate_then_download_by_id(server, tmp_path):
     assert len(rows) == k and all(len(r.split()) >= 4 for r in rows)
     whys = lines[at + 2 + k : at + 2 + 2 * k]  # then why each expert was chosen
     assert [w.split(":")[0] for w in whys] == [f"why {r.split()[0]}" for r in rows], out
-    coverage = float(re.search(r"coverage (\S+)", out).group(1))
-    assert all(float(s) <= coverage + 1e-4 for s in re.findall(r"cosine (\d\.\d+)", "\n".join(whys)))
+    # Both numbers are printed rounded (coverage to 4 decimals, a why's cosine to 3): compare within their roundings,
+    # or a best cosine of 0.98870 (printed 0.9887 and 0.989) fails it.
+    coverage_text = re.search(r"coverage (\d\.\d+)", out).group(1)
+    half_unit = lambda text: 0.5 * 10 ** -len(text.split(".")[1])  # noqa: E731
+    cosines = re.findall(r"cosine (\d\.\d+)", "\n".join(whys))
+    assert cosines and all(float(c) - half_unit(c) <= float(coverage_text) + half_unit(coverage_text) for c in cosines)
 
     done = sglora(url, "download", adapter_id, "--format", "peft", "-o", "a.zip", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
