@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from app.core.heap import freeze_loaded_objects
 from app.ml.aggregator import route
 from app.ml.backbone import Backbone, load_backbone
 from app.ml.fewshot import Examples, FewShotConfig, Refinement, refine_routed
@@ -84,6 +85,7 @@ class Engine:
             except Exception as e:
                 self.load_error = f"{type(e).__name__}: {e}"  # for the log: it may name server paths
                 raise
+            freeze_loaded_objects()  # full collections then skip the loaded model (app/core/heap.py)
             self.load_seconds = time.perf_counter() - t0
             self.ready = True
             logger.info("engine ready: store %s (%d experts, D=%d) on %s in %.1fs", store.version, len(store.bank),
@@ -142,6 +144,7 @@ class Engine:
             self._warm_up(store)
             self.store = store  # one reference assignment: atomic for readers
             self.reloads += 1
+            freeze_loaded_objects()  # the new store out of the collector's reach (requests on `old` still run)
             seconds = time.perf_counter() - t0
             logger.info("store switched %s -> %s (%d experts) in %.2fs", old.version, store.version, len(store.bank),
                         seconds)
