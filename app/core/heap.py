@@ -1,9 +1,9 @@
 """The garbage collector and a loaded model: keep full collections off what was loaded once.
 
-CPython's oldest-generation collection walks every container object the process tracks. A loaded engine (the
-backbone's modules and parameters, the store's manifest, open_clip and torch internals) is a couple of hundred
-thousand of them, so once serving, every full collection stopped the event loop, and every thread holding the
-GIL, for ~170 ms (tiny model, 2-core machine; bench.load, cached /generate-lora at 256 connections: 12 loop
+CPython's oldest-generation collection walks every container object the process tracks. A process with a loaded
+engine (the backbone's modules and parameters, the store's manifest, open_clip and torch internals) tracks over
+400,000 of them even with the tiny model, so once serving, every full collection stopped the event loop, and
+every other thread, for ~170 ms (2-core machine; bench.load, cached /generate-lora at 256 connections: 12 loop
 stalls over 100 ms in 8 s, each a full collection that freed nothing). Requests allocate enough that full
 collections keep coming however long the process runs.
 
