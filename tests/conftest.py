@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import open_clip
@@ -43,3 +44,13 @@ def tiny_build(tmp_path_factory):
     if not (reuse and (out / "manifest.json").exists() and (out / "cvae.safetensors").exists()):
         pipeline.build(TINY, out, progress=False)
     return ctx
+
+
+def copy_tiny_store(tiny_build, dest: Path) -> Path:
+    """A writable copy of the session's `--tiny` store at `dest` (tests that import, remove or republish)."""
+    from app.ml.store import migrate_store, read_manifest
+
+    shutil.copytree(tiny_build.out, dest)
+    if read_manifest(dest)["format_version"] == 1:  # a store reused from before format 2 (SGLORA_TEST_STORE)
+        migrate_store(dest)
+    return dest

@@ -4,7 +4,6 @@ train-experts experts; refused imports leave the store byte-identical."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import open_clip
@@ -15,9 +14,9 @@ from app.ml import hf_clip
 from app.ml.aggregator import aggregate_experts
 from app.ml.backbone import load_backbone
 from app.ml.retrieval import embed_descriptions
-from app.ml.store import StoreError, load_store, migrate_store, read_manifest
+from app.ml.store import StoreError, load_store, read_manifest
 from offline.import_experts import add_experts, remove_experts
-from tests.conftest import TINY
+from tests.conftest import TINY, copy_tiny_store
 from tests.test_store_format import snapshot
 
 NEW_DESCRIPTION = "a photo of a violet spiral on a checkerboard"
@@ -31,11 +30,7 @@ def base(tiny_build):
 
 @pytest.fixture
 def store_copy(tiny_build, tmp_path) -> Path:
-    copy = tmp_path / "store"
-    shutil.copytree(tiny_build.out, copy)
-    if read_manifest(copy)["format_version"] == 1:  # a store reused from before format 2 (SGLORA_TEST_STORE)
-        migrate_store(copy)
-    return copy
+    return copy_tiny_store(tiny_build, tmp_path / "store")
 
 
 def peft_folder(path: Path, layout, *, r=2, alpha=8.0, towers=("vision", "text"), width=None, rslora=False,

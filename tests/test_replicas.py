@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -28,10 +27,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.ml.store import migrate_store, read_manifest
 from app.services.generator import read_metadata
 from offline.import_experts import remove_experts
 
+from .conftest import copy_tiny_store
 from .live_server import announced_url, free_port
 from .test_deploy import nginx_executable, nginx_main_config
 from .test_service_support import REDIS_URL, drop_prefix, redis_client, redis_timeout_env
@@ -85,10 +84,8 @@ def start_replica(store: Path, prefix: str, log: Path) -> subprocess.Popen:
 def replicas(tiny_build, tmp_path_factory):
     """(url of replica A, url of replica B, url of nginx in front of both or None, the shared store)."""
     redis_client()  # fails the test with a clear message when no Redis answers
-    store = tmp_path_factory.mktemp("shared") / "store"  # a copy: the last test publishes a new version into it
-    shutil.copytree(tiny_build.out, store)
-    if read_manifest(store)["format_version"] == 1:  # a store reused from before format 2 (SGLORA_TEST_STORE)
-        migrate_store(store)
+    # a copy: the last test publishes a new version into it
+    store = copy_tiny_store(tiny_build, tmp_path_factory.mktemp("shared") / "store")
     prefix = f"sglora-test-replicas:{uuid.uuid4().hex[:12]}:"
     logs = tmp_path_factory.mktemp("replica-logs")
     with ExitStack() as stack:
