@@ -96,6 +96,8 @@ POSITIONS: dict[str, tuple[float, float]] = {
     "bottom right": (0.75, 0.75),
     "center": (0.5, 0.5),
 }
+# Every word of the family's captions (the vocabulary offline/phrasing.py builds on).
+FAMILY_WORDS: tuple[str, ...] = (*COLOURS, *SHAPES, *SIZES, *POSITIONS, *BACKGROUNDS)
 
 _SUPERSAMPLE = 4  # draw at 4x and box-downsample: anti-aliased edges for almost no cost
 _JITTER = 0.03  # random shift of the centre, as a fraction of the side, so no two images coincide

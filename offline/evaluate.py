@@ -47,15 +47,17 @@ from app.ml.backbone import Backbone, load_backbone
 from app.ml.fewshot import FewShotConfig, Refinement
 from app.ml.lora import LoRALayout, inject_lora
 from app.ml.retrieval import embed_pairs, recall_at_k, same_caption_mask
-from app.ml.store import BASE_WEIGHTS_FILE, Store, StoreError, load_store, routing_record
+from app.ml.store import BASE_WEIGHTS_FILE, Store, StoreError, load_store, routing_record, routing_tensors
 from app.ml.strategies import GenerationRequest, default_strategy, generate_adapters
 from offline import evaluate_wording as wording
 from offline import pipeline
+from offline import routing_ceiling as ceiling
 from offline.config import TINY, BuildConfig, DatasetConfig, TaskSplit, load_tasks, split_dataset
 from offline.data import Task
 from offline.fewshot_eval import draw_examples, refined_adapter
 from offline.threads import fixed_threads
 from offline.train_experts import describe, encode_pairs, train_expert
+from offline.transfer import HeldOut, measure_task
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +92,9 @@ class EvalConfig:
     # Rows "n examples": the served default refined on n pairs drawn from the unseen task's TRAINING pairs
     # (never its held-out ones), app/ml/fewshot.py with its default method.
     examples: tuple[int, ...] = ()
+    # Rows offline/routing_ceiling.py: the best single library expert in hindsight, and a router told the task's
+    # attributes — what routing to one expert could reach, beside what the served router reaches.
+    ceilings: bool = True
 
     def __post_init__(self) -> None:
         unknown = set(self.strategies) - set(STRATEGY_ORDER)
@@ -142,6 +147,7 @@ class Evaluator:
         self.config, self.seed, self.eval_cfg, self.oracle_dir = config, seed, eval_cfg, oracle_dir
         self._r1: dict[tuple, float] = {}
         self.gated: set[tuple[str, bytes]] = set()  # (row, query) pairs the gate sent to zero-shot
+        self._attribute_router: ceiling.AttributeRouter | None | bool = None  # False: this store has none
 
     def prepare(self, task: Task, test_pairs: Sequence) -> EvalTask:
         pixels, tokens = encode_pairs(self.backbone, test_pairs)
@@ -196,6 +202,27 @@ class Evaluator:
             rows[strategy] = self.score(adapter, t)
         for n in self.eval_cfg.examples:
             rows[examples_row(n)] = self.score(self.refined(t, n).vector, t)
+        if self.eval_cfg.ceilings:
+            rows |= self.ceilings(t)
+        return rows
+
+    def ceilings(self, t: EvalTask) -> Grid:
+        """The routing_ceiling rows for one unseen task: every library expert scored on its held-out pairs, the best
+        one served in hindsight, and the attribute router's pick ({} for data whose stores lack what they need)."""
+        bank, rows = self.store.bank, {}
+        _, gains_e = measure_task(self.backbone, self.layout, bank.mu.float(), HeldOut(t.pixels, t.tokens, t.positives),
+                                  np.arange(len(bank)))
+        rows[ceiling.HINDSIGHT] = self.score(bank.mu[int(np.argmax(gains_e))].float(), t)
+        if self._attribute_router is None:
+            tensors = routing_tensors(self.store)
+            if tensors and len(tensors["gains"]) == len(bank):  # a full grid: the seen tasks are the experts
+                self._attribute_router = ceiling.fit_attribute_router(
+                    bank.ids, bank.ids, tensors["gains"].astype(np.float64), tensors["mask"].astype(bool)) or False
+            else:
+                self._attribute_router = False
+        if self._attribute_router and ceiling.attributes(t.task.name) is not None:
+            pick = int(np.argmax(self._attribute_router.predict(t.task.name, bank.ids)))
+            rows[ceiling.ATTRIBUTES] = self.score(bank.mu[pick].float(), t)
         return rows
 
     def refined(self, t: EvalTask, n: int) -> Refinement:
@@ -346,6 +373,9 @@ def evaluate_seed(config: BuildConfig, seed: int, seed_dir: Path, eval_cfg: Eval
     for s, h in headroom_summary.items():
         average[s] |= h
     average |= {s: average[s] | seen_loto(store, s) for s in average}
+    for row, figures in seen_ceilings(store).items():
+        if row in average:
+            average[row] |= figures
     served = default_strategy(store)
     if DEFAULT in average:
         average[DEFAULT] |= {"gated tasks": float(gated_template),
@@ -379,8 +409,9 @@ def how_people_write(ev: Evaluator, tasks: Sequence[EvalTask], main: dict[str, G
             per_task[t.task.name] = wording.wording_rows(ev, t, queries, strategies)
     if not per_task:
         return {}
+    out_of_domain, per_description = wording.out_of_domain_rows(ev, tasks)
     return {"wordings": wording.wording_summary(per_task, main), "wordings_per_task": per_task,
-            "out_of_domain": wording.out_of_domain_rows(ev, tasks)}
+            "out_of_domain": out_of_domain, "out_of_domain_descriptions": per_description}
 
 
 def seen_loto(store: Store, strategy: str) -> dict[str, float]:
@@ -393,6 +424,16 @@ def seen_loto(store: Store, strategy: str) -> dict[str, float]:
     if row is None:
         return {"seen LOTO mR@1": math.nan, "seen LOTO headroom": math.nan}
     return {"seen LOTO mR@1": row["loto_mr1"], "seen LOTO headroom": 100 * row["loto_headroom"]}
+
+
+def seen_ceilings(store: Store) -> dict[str, dict[str, float]]:
+    """routing_ceiling's seen-task figures from the store's transfer matrix ({} without one, or a sampled one)."""
+    tensors = routing_tensors(store)
+    if not tensors or len(tensors["gains"]) != len(store.bank):
+        return {}
+    ids = list(store.bank.ids)
+    return ceiling.seen_ceilings(ids, ids, tensors["gains"].astype(np.float64), tensors["mask"].astype(bool),
+                                 tensors["zero_shot"].astype(np.float64))
 
 
 def derangement(n: int, seed: int) -> list[int] | None:
@@ -468,7 +509,7 @@ def write_report(out: Path, seeds: Sequence[int], per_seed: list[dict], source: 
     """Summary over the seeds done so far, and results.json / split.json / report.md / recall.png."""
     summary = {"average": mean_std_grid([r["average"] for r in per_seed]),
                "checks": {name: mean_std_grid([r["checks"][name] for r in per_seed]) for name in per_seed[0]["checks"]}}
-    for section in ("wordings", "out_of_domain"):
+    for section in ("wordings", "out_of_domain", "out_of_domain_descriptions"):
         if all(section in r for r in per_seed):
             summary[section] = mean_std_grid([r[section] for r in per_seed])
     summary["headline"] = headline(per_seed)
@@ -515,7 +556,7 @@ def headline(per_seed: Sequence[dict]) -> dict:
                 "per seed": values}
 
     out = {}
-    for row in ("default", "transfer_routed", "delta_merge", "sglora", "sglora_mean"):
+    for row in ("default", "transfer_routed", "delta_merge", "sglora", "sglora_mean", *ceiling.ROWS):
         if row not in per_seed[0]["per_task"][next(iter(per_seed[0]["per_task"]))]:
             continue
         cases = [[(r[row][R1], r["zero_shot"][R1], r["oracle"][R1]) for r in seed["per_task"].values()]
@@ -591,6 +632,11 @@ def render_report(results: dict, command: str) -> str:
         f"headroom (pooled) = the same ratio on task-averaged mR@1.",
         "## Recall by strategy", markdown_table(summary["average"], "strategy"),
     ]
+    if any(row in summary["average"] for row in ceiling.ROWS):
+        parts.append(f"`{ceiling.HINDSIGHT}` and `{ceiling.ATTRIBUTES}` are ceilings, not strategies "
+                     "(offline/routing_ceiling.py): the library expert that retrieves best on the task's held-out "
+                     "pairs, chosen by looking at them, and the pick of a router told each task's attributes "
+                     "instead of reading its description.")
     if "headline" in summary:
         parts += ["## Headline (served default unless named; pooled over task-seeds, mean and worst seed)",
                   markdown_table({r: {c: v for c, v in cells.items() if c != "per seed"}
@@ -600,6 +646,10 @@ def render_report(results: dict, command: str) -> str:
                   markdown_table(summary["wordings"], "strategy"),
                   "## Out-of-domain descriptions, each served for every unseen task (harm against zero-shot)",
                   markdown_table(summary["out_of_domain"], "set")]
+    if "out_of_domain_descriptions" in summary:
+        parts += ["## Each held-out out-of-domain description: the gate, and how close the base reads it to the "
+                  "library (mean ± std over seeds)",
+                  markdown_table(summary["out_of_domain_descriptions"], "description")]
     for name, grid in summary["checks"].items():
         parts += [f"## {CHECK_TITLES[name]}", markdown_table(grid, "")]
     parts.append("## Per task (mR@1; headroom in JSON)")

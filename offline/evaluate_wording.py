@@ -18,8 +18,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from app.ml.aggregator import coverage
 from app.ml.strategies import default_strategy
-from offline.phrasing import HELD_OUT_OUT_OF_DOMAIN, held_out_phrasings
+from offline.data import FAMILY_WORDS
+from offline.phrasing import HELD_OUT_OUT_OF_DOMAIN, held_out_phrasings, pretraining_vocabulary, unknown_words
 from offline.train_experts import describe
 
 WORDING_ROWS = ("zero_shot", "topk_weighted", "delta_merge", "transfer_routed", "sglora_mean", "default")
@@ -60,16 +62,24 @@ def wording_summary(per_task: dict[str, dict], main: dict[str, dict]) -> dict[st
     return out
 
 
-def out_of_domain_rows(ev, tasks: Sequence) -> dict[str, dict[str, float]]:
+def out_of_domain_rows(ev, tasks: Sequence) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
     """Row (c): for every held-out out-of-domain description, the served adapter (gate on, and the same strategy
-    with the gate off) scored on every unseen task against zero-shot. One row per category and one over all."""
+    with the gate off) scored on every unseen task against zero-shot. One row per category and one over all; and
+    per description, whether the gate fired and its best cosine to a library description (X-Coverage), the row
+    named with the words the tiny base never learned (offline/phrasing.pretraining_vocabulary)."""
     served = default_strategy(ev.store)
     zero = {t.task.name: ev.r1("zero_shot", t) for t in tasks}
+    vocabulary = pretraining_vocabulary(FAMILY_WORDS)
     per_category: dict[str, list[dict[str, float]]] = {}
+    per_description: dict[str, dict[str, float]] = {}
     for category, texts in HELD_OUT_OUT_OF_DOMAIN.items():
-        for query in describe(ev.backbone, list(texts)).cpu().numpy():
+        for text, query in zip(texts, describe(ev.backbone, list(texts)).cpu().numpy(), strict=True):
             gated_on = ev.adapters(DEFAULT, query)[0]
             gated = (DEFAULT, query.tobytes()) in ev.gated
+            unknown = unknown_words(text, vocabulary)
+            label = f"{text} ({category}; unknown words: {', '.join(unknown) or 'none'})"
+            per_description[label] = {"gate fired %": 100.0 * gated, "best cosine to a library description":
+                                      coverage(ev.store.bank, query)}
             raw = None if served == "zero_shot" else ev.adapters(served, query)[0]
             for t in tasks:
                 on = ev.score(gated_on, t)[R1]
@@ -85,4 +95,4 @@ def out_of_domain_rows(ev, tasks: Sequence) -> dict[str, dict[str, float]]:
                           "gate fired %": 100 * float(np.mean([c["gated"] for c in cases])),
                           "cases below zero-shot (gate on) %": 100 * float(np.mean(
                               [c["gate on"] < c["zero_shot"] for c in cases]))}
-    return rows
+    return rows, per_description

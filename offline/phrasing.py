@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Iterable
 
 LIBRARY_TEMPLATE = "a photo of a {c} {s}"
 
@@ -146,10 +147,13 @@ _POSITION = ("", " at the {p}", " in the {p}", " near the {p}", ", {p}")
 _BACKGROUND = ("", " on a {b} background", " against {b}", ", {b} background", " over a plain {b} backdrop")
 
 
+_SUBJECTS = ("a {size} {c} {s}", "a {c} {s}", "{c} {s}", "a {s} that is {c}", "a {size} {s} in {c}",
+             "a {c} coloured {s}", "the {c} {s}", "a {s}, {c}")
+
+
 def _subject(size: str, colour: str, shape: str, rng: random.Random) -> str:
     c, s = (word if rng.random() < 0.6 else rng.choice(SYNONYMS.get(word, (word,))) for word in (colour, shape))
-    return rng.choice((f"a {size} {c} {s}", f"a {c} {s}", f"{c} {s}", f"a {s} that is {c}", f"a {size} {s} in {c}",
-                       f"a {c} coloured {s}", f"the {c} {s}", f"a {s}, {c}"))
+    return rng.choice(_SUBJECTS).format(size=size, c=c, s=s)
 
 
 def phrase_caption(caption: str, rng: random.Random) -> str:
@@ -176,3 +180,22 @@ def caption_variants(caption: str, n: int, seed: int) -> list[str]:
     """n build-side wordings of one caption (the canonical one first), seeded by the caption and seed."""
     rng = random.Random(f"{seed}:{caption}")
     return [caption] + [phrase_caption(caption, rng) for _ in range(n - 1)]
+
+
+def _words(text: str) -> set[str]:
+    """The words of a grammar string, its {placeholders} left out."""
+    return set(re.findall(r"[a-z]+", re.sub(r"\{\w+\}", " ", text.lower())))
+
+
+def pretraining_vocabulary(family_words: Iterable[str]) -> frozenset[str]:
+    """Every word a build-side caption or description can hold: the grammar's own words, its synonyms and filler,
+    and `family_words` (the data's colours, shapes, sizes, positions, backgrounds). The tiny base never saw any other
+    word: its text tower cannot read one (its token keeps its random initial embedding)."""
+    grammar = (*_PREFIXES, *_POSITION, *_BACKGROUND, *_SUBJECTS, *BUILD_DESCRIPTION_TEMPLATES, *FILLER_WORDS,
+               *(w for synonyms in SYNONYMS.values() for w in synonyms), *family_words)
+    return frozenset(w for text in grammar for w in _words(text))
+
+
+def unknown_words(text: str, vocabulary: frozenset[str]) -> list[str]:
+    """The words of `text` outside `vocabulary`, in order."""
+    return [w for w in re.findall(r"[a-z]+", text.lower()) if w not in vocabulary]

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from app.ml.retrieval import recall_at_k, same_caption_mask
 from app.ml.store import routing_record
 from offline import evaluate as ev
+from offline import routing_ceiling as ceiling
 from offline.config import TINY
 
 # ------------------------------------------------------------------------------------------ Recall@K
@@ -160,7 +161,7 @@ def test_report_table_has_a_row_per_strategy_and_recall_both_ways_and_headroom(r
     assert header == ["strategy", "I2T R@1", "I2T R@5", "I2T R@10", "T2I R@1", "T2I R@5", "T2I R@10", ev.R1,
                       "headroom", "headroom (pooled)", "seen LOTO mR@1", "seen LOTO headroom", "gated tasks",
                       "tasks below zero-shot"]
-    assert list(rows) == list(ev.STRATEGY_ORDER)
+    assert list(rows) == list(ev.STRATEGY_ORDER) + list(ceiling.ROWS)
     assert all(len(cells) == len(header) - 1 for cells in rows.values())
     for name in ("report.md", "results.json", "recall.png", "split.json", "config.json", "seed0/build_config.json"):
         assert (report.out / name).stat().st_size > 0, name
@@ -199,6 +200,20 @@ def test_every_row_carries_its_seen_task_leave_one_task_out_figure(report, tiny_
     assert average["oracle"]["seen LOTO headroom"] == 100.0
 
 
+def test_routing_ceilings_bound_what_one_expert_can_do(report):
+    seed = report.results["per_seed"][0]
+    average = seed["average"]
+    hindsight, attribute = average[ceiling.HINDSIGHT], average[ceiling.ATTRIBUTES]
+    # The hindsight expert is the best of every expert on the task's own held-out pairs (the attribute router's pick
+    # among them), and on the seen tasks the best of every other expert's measured gain.
+    assert hindsight[ev.R1] >= attribute[ev.R1] - 1.0
+    assert hindsight["seen LOTO mR@1"] >= attribute["seen LOTO mR@1"]
+    assert hindsight[ev.R1] > average["zero_shot"][ev.R1]
+    assert all(ceiling.HINDSIGHT in rows for rows in seed["per_task"].values())
+    assert f"template: {ceiling.HINDSIGHT} headroom (pooled)" in report.results["summary"]["headline"]
+    assert "are ceilings, not strategies" in report.markdown
+
+
 @pytest.mark.parametrize("strategy", ev.CHECKED)
 def test_true_descriptions_beat_shuffled_ones(report, strategy):
     cells = report.results["per_seed"][0]["checks"]["semantic"][strategy]
@@ -231,8 +246,13 @@ def test_rows_for_how_people_write_are_reported(report):
     assert {"template: default headroom (pooled)", "held-out wordings: default headroom (pooled)",
             "held-out wordings: gated %", "out-of-domain: gate fired %"} <= set(headline)
     assert len(HELD_OUT_DESCRIPTION_TEMPLATES) >= 5
-    for title in ("Headline", "Held-out wordings", "Out-of-domain"):
+    for title in ("Headline", "Held-out wordings", "Out-of-domain", "Each held-out out-of-domain description"):
         assert f"## {title}" in report.markdown
+    described = seed["out_of_domain_descriptions"]
+    assert len(described) == sum(len(texts) for texts in HELD_OUT_OUT_OF_DOMAIN.values())
+    assert "a photo of a dog (other domain; unknown words: dog)" in described
+    assert all(cells["gate fired %"] in (0.0, 100.0) and -1 <= cells["best cosine to a library description"] <= 1
+               for cells in described.values())
 
 
 def test_results_say_what_they_came_from(report):

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from offline import phrasing
-from offline.data import COLOURS, SHAPES, synthetic_family
+from offline.data import COLOURS, FAMILY_WORDS, SHAPES, synthetic_family
 
 OFFLINE = Path(__file__).parent.parent / "offline"
 
@@ -53,11 +53,20 @@ def test_nonsense_is_seeded_and_has_no_family_words():
 def test_held_out_templates_rearrange_words_pretraining_knows():
     """Held-out wordings test wording, not vocabulary the tiny base could never have seen (a real CLIP knows the
     common words of English). "<shape>s" (a plural) is the one form pretraining never shows."""
-    def words(text: str) -> set[str]:
-        return set(re.findall(r"[a-z]+", text.replace("{c}", " ").replace("{s}s", " ").replace("{s}", " ")))
-
-    captions = phrasing.caption_variants("a small red circle at the top left on a white background", 400, seed=0)
-    known = set(phrasing.FILLER_WORDS) | {w for c in captions for w in re.findall(r"[a-z]+", c)}
-    known |= {w for t in phrasing.BUILD_DESCRIPTION_TEMPLATES for w in words(t)}
+    known = phrasing.pretraining_vocabulary(FAMILY_WORDS)
     for template in phrasing.HELD_OUT_DESCRIPTION_TEMPLATES:
-        assert words(template) <= known, (template, words(template) - known)
+        text = template.replace("{s}s", "{s}").format(c="red", s="circle")
+        assert not phrasing.unknown_words(text, known), template
+    assert phrasing.unknown_words("show me red circles", known) == ["circles"]
+
+
+def test_pretraining_vocabulary_holds_every_word_pretraining_and_the_build_use():
+    known = phrasing.pretraining_vocabulary(FAMILY_WORDS)
+    captions = [p.caption for t in synthetic_family(n_pairs=3) for p in t.pairs]
+    variants = [v for i, c in enumerate(captions) for v in phrasing.caption_variants(c, 12, seed=i)]
+    descriptions = [d for t in synthetic_family(n_pairs=0) for d in t.phrasings]
+    for text in variants + descriptions:
+        assert not phrasing.unknown_words(text, known), text
+    # The out-of-domain sets name what the family does not have: unknown colours, shapes and domains.
+    assert phrasing.unknown_words("a photo of a teal circle", known) == ["teal"]
+    assert phrasing.unknown_words("A photo of a red pentagon", known) == ["pentagon"]
