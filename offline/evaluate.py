@@ -592,17 +592,20 @@ def write_json(path: Path, obj) -> None:
 # ------------------------------------------------------------------------------------------ rendering
 
 
-def fmt(cell) -> str:
+def fmt(cell, digits: int = 1) -> str:
     mean, std = cell if isinstance(cell, (tuple, list)) else (cell, None)
     if mean is None or math.isnan(mean):
         return "—"
-    return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def markdown_table(grid: dict, first: str) -> str:
+    """Percentages and points to one decimal; cosines (a column named so) to three."""
     columns = list(dict.fromkeys(c for row in grid.values() for c in row))
+    digits = {c: 3 if "cosine" in c else 1 for c in columns}
     lines = [f"| {first} | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
-    lines += [f"| {r} | " + " | ".join(fmt(row.get(c, math.nan)) for c in columns) + " |" for r, row in grid.items()]
+    lines += [f"| {r} | " + " | ".join(fmt(row.get(c, math.nan), digits[c]) for c in columns) + " |"
+              for r, row in grid.items()]
     return "\n".join(lines)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -253,6 +254,10 @@ def test_rows_for_how_people_write_are_reported(report):
     assert "a photo of a dog (other domain; unknown words: dog)" in described
     assert all(cells["gate fired %"] in (0.0, 100.0) and -1 <= cells["best cosine to a library description"] <= 1
                for cells in described.values())
+    _, rows = _table(report.markdown, "Each held-out out-of-domain description: the gate, and how close the base "
+                                      "reads it to the library (mean ± std over seeds)")
+    gate, cosine = rows["a photo of a dog (other domain; unknown words: dog)"]
+    assert gate in ("0.0 ± 0.0", "100.0 ± 0.0") and re.fullmatch(r"-?[01]\.\d{3} ± 0\.000", cosine), cosine
 
 
 def test_results_say_what_they_came_from(report):
