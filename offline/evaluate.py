@@ -35,6 +35,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +58,7 @@ from offline.data import Task
 from offline.fewshot_eval import draw_examples, refined_adapter
 from offline.threads import fixed_threads
 from offline.train_experts import describe, encode_pairs, train_expert
-from offline.transfer import HeldOut, measure_task
+from offline.transfer import HeldOut, score_adapters
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +148,6 @@ class Evaluator:
         self.config, self.seed, self.eval_cfg, self.oracle_dir = config, seed, eval_cfg, oracle_dir
         self._r1: dict[tuple, float] = {}
         self.gated: set[tuple[str, bytes]] = set()  # (row, query) pairs the gate sent to zero-shot
-        self._attribute_router: ceiling.AttributeRouter | None | bool = None  # False: this store has none
 
     def prepare(self, task: Task, test_pairs: Sequence) -> EvalTask:
         pixels, tokens = encode_pairs(self.backbone, test_pairs)
@@ -210,20 +210,19 @@ class Evaluator:
         """The routing_ceiling rows for one unseen task: every library expert scored on its held-out pairs, the best
         one served in hindsight, and the attribute router's pick ({} for data whose stores lack what they need)."""
         bank, rows = self.store.bank, {}
-        _, gains_e = measure_task(self.backbone, self.layout, bank.mu.float(), HeldOut(t.pixels, t.tokens, t.positives),
-                                  np.arange(len(bank)))
-        rows[ceiling.HINDSIGHT] = self.score(bank.mu[int(np.argmax(gains_e))].float(), t)
-        if self._attribute_router is None:
-            tensors = routing_tensors(self.store)
-            if tensors and len(tensors["gains"]) == len(bank):  # a full grid: the seen tasks are the experts
-                self._attribute_router = ceiling.fit_attribute_router(
-                    bank.ids, bank.ids, tensors["gains"].astype(np.float64), tensors["mask"].astype(bool)) or False
-            else:
-                self._attribute_router = False
-        if self._attribute_router and ceiling.attributes(t.task.name) is not None:
-            pick = int(np.argmax(self._attribute_router.predict(t.task.name, bank.ids)))
+        r1_e = score_adapters(self.backbone, self.layout, bank.mu.float(), HeldOut(t.pixels, t.tokens, t.positives))
+        rows[ceiling.HINDSIGHT] = self.score(bank.mu[int(np.argmax(r1_e))].float(), t)
+        if self.attribute_router is not None and ceiling.attributes(t.task.name) is not None:
+            pick = int(np.argmax(self.attribute_router.predict(t.task.name, bank.ids)))
             rows[ceiling.ATTRIBUTES] = self.score(bank.mu[pick].float(), t)
         return rows
+
+    @cached_property
+    def attribute_router(self) -> ceiling.AttributeRouter | None:
+        """routing_ceiling's attribute router fitted on the store's whole transfer matrix (None: it has none)."""
+        grid = full_transfer_grid(self.store)
+        return None if grid is None else ceiling.fit_attribute_router(grid["ids"], grid["ids"], grid["gains"],
+                                                                      grid["mask"])
 
     def refined(self, t: EvalTask, n: int) -> Refinement:
         """The served default refined on n examples drawn from the task's training pairs (seeded per seed, n)."""
@@ -426,14 +425,21 @@ def seen_loto(store: Store, strategy: str) -> dict[str, float]:
     return {"seen LOTO mR@1": row["loto_mr1"], "seen LOTO headroom": 100 * row["loto_headroom"]}
 
 
-def seen_ceilings(store: Store) -> dict[str, dict[str, float]]:
-    """routing_ceiling's seen-task figures from the store's transfer matrix ({} without one, or a sampled one)."""
+def full_transfer_grid(store: Store) -> dict | None:
+    """The store's transfer matrix when it covers every expert as a seen task ({"ids", "gains", "mask", "zero_shot"}:
+    rows and columns in library order), else None (no matrix, or experts imported without a row)."""
     tensors = routing_tensors(store)
     if not tensors or len(tensors["gains"]) != len(store.bank):
-        return {}
-    ids = list(store.bank.ids)
-    return ceiling.seen_ceilings(ids, ids, tensors["gains"].astype(np.float64), tensors["mask"].astype(bool),
-                                 tensors["zero_shot"].astype(np.float64))
+        return None
+    return {"ids": list(store.bank.ids), "gains": tensors["gains"].astype(np.float64),
+            "mask": tensors["mask"].astype(bool), "zero_shot": tensors["zero_shot"].astype(np.float64)}
+
+
+def seen_ceilings(store: Store) -> dict[str, dict[str, float]]:
+    """routing_ceiling's seen-task figures from the store's transfer matrix ({} without a full one)."""
+    grid = full_transfer_grid(store)
+    return {} if grid is None else ceiling.seen_ceilings(grid["ids"], grid["ids"], grid["gains"], grid["mask"],
+                                                         grid["zero_shot"])
 
 
 def derangement(n: int, seed: int) -> list[int] | None:

@@ -87,10 +87,11 @@ def seen_ceilings(task_ids: Sequence[str], expert_ids: Sequence[str], gains_te: 
     (as the validation's); a row is absent when it cannot be computed (names not two-part, no own expert)."""
     own, picks = [], {HINDSIGHT: [], ATTRIBUTES: []}
     for t, task in enumerate(task_ids):
-        if task not in expert_ids or not mask_te[t, list(expert_ids).index(task)]:
+        own_e = list(expert_ids).index(task) if task in expert_ids else None
+        if own_e is None or not mask_te[t, own_e]:
             return {}
         others = [e for e, expert in enumerate(expert_ids) if expert != task and mask_te[t, e]]
-        own.append(gains_te[t, list(expert_ids).index(task)])
+        own.append(gains_te[t, own_e])
         picks[HINDSIGHT].append(max(gains_te[t, e] for e in others))
         router = fit_attribute_router(task_ids, expert_ids, gains_te, mask_te, leave_out=task)
         if router is not None:
